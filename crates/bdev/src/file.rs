@@ -1,0 +1,1 @@
+//! File bdev: placeholder, implemented with io_uring.
