@@ -8,7 +8,9 @@ use tokio::sync::oneshot;
 
 use crate::{Bdev, BdevIo, Completion, IoBuf, IoError, IoSink};
 
-struct OneShot(Mutex<Option<oneshot::Sender<(BdevIo, Result<(), IoError>)>>>);
+type Reply = (BdevIo, Result<(), IoError>);
+
+struct OneShot(Mutex<Option<oneshot::Sender<Reply>>>);
 
 impl IoSink for OneShot {
     fn complete(&self, _tag: u64, io: BdevIo, result: Result<(), IoError>) {
@@ -50,7 +52,7 @@ impl<B: Bdev + ?Sized> BdevExt for B {
     }
     async fn write_blocks(&self, offset_blocks: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
         let bs = self.block_size() as u64;
-        if data.len() as u64 % bs != 0 {
+        if !(data.len() as u64).is_multiple_of(bs) {
             return Err(IoError::InvalidBuffer);
         }
         let io = BdevIo::write(offset_blocks, data.len() as u64 / bs, IoBuf::from_slice(data), fua);

@@ -11,13 +11,16 @@ use crate::{check_range, Bdev, BdevIo, Completion, IoError, IoKind};
 
 const CHUNK: usize = 1 << 20;
 
+/// One chunk of memory, allocated on first write.
+type Chunk = RwLock<Option<Box<[u8]>>>;
+
 /// A RAM-backed block device.
 pub struct MallocBdev {
     name: String,
     uuid: uuid::Uuid,
     block_size: u32,
     num_blocks: u64,
-    chunks: Box<[RwLock<Option<Box<[u8]>>>]>,
+    chunks: Box<[Chunk]>,
 }
 
 impl std::fmt::Debug for MallocBdev {
