@@ -28,13 +28,25 @@ pub struct AdminReply {
 
 impl AdminReply {
     fn ok(dw0: u32) -> Self {
-        AdminReply { status: Status::SUCCESS, dw0, data: Vec::new() }
+        AdminReply {
+            status: Status::SUCCESS,
+            dw0,
+            data: Vec::new(),
+        }
     }
     fn data(data: Vec<u8>) -> Self {
-        AdminReply { status: Status::SUCCESS, dw0: 0, data }
+        AdminReply {
+            status: Status::SUCCESS,
+            dw0: 0,
+            data,
+        }
     }
     fn err(s: Status) -> Self {
-        AdminReply { status: s, dw0: 0, data: Vec::new() }
+        AdminReply {
+            status: s,
+            dw0: 0,
+            data: Vec::new(),
+        }
     }
 }
 
@@ -81,7 +93,11 @@ pub fn execute(ctx: AdminCtx<'_>, sqe: &Sqe) -> AdminReply {
 }
 
 /// Identify Controller data for `ctrlr` of `subsys`.
-pub fn identify_controller(t: &Target, subsys: &Subsystem, ctrlr: &Controller) -> IdentifyController {
+pub fn identify_controller(
+    t: &Target,
+    subsys: &Subsystem,
+    ctrlr: &Controller,
+) -> IdentifyController {
     let o = &t.opts;
     let disc = subsys.is_discovery;
     let ns = subsys.namespaces();
@@ -101,10 +117,14 @@ pub fn identify_controller(t: &Target, subsys: &Subsystem, ctrlr: &Controller) -
         ver: nvme_wire::fabrics::version(1, 4, 0),
         oaes: if disc { 0 } else { 1 << 8 }, // namespace attribute notices
         ctratt: 1,                           // 128-bit host identifier
-        cntrltype: if disc { CNTRLTYPE_DISCOVERY } else { CNTRLTYPE_IO },
+        cntrltype: if disc {
+            CNTRLTYPE_DISCOVERY
+        } else {
+            CNTRLTYPE_IO
+        },
         acl: 3,
         aerl: AERL,
-        frmw: 0b11, // slot 1 read-only, one slot
+        frmw: 0b11,  // slot 1 read-only, one slot
         lpa: 1 << 2, // extended data for Get Log Page (offsets, > 4 KiB)
         elpe: ELPE,
         kas: 1, // 100 ms granularity
@@ -112,7 +132,11 @@ pub fn identify_controller(t: &Target, subsys: &Subsystem, ctrlr: &Controller) -
         cqes: 0x44,
         maxcmd: o.max_queue_depth,
         nn: if disc { 0 } else { subsys.max_namespaces },
-        oncs: if disc { 0 } else { ONCS_DSM | ONCS_WRITE_ZEROES },
+        oncs: if disc {
+            0
+        } else {
+            ONCS_DSM | ONCS_WRITE_ZEROES
+        },
         // bit 0: a write cache is present; bits 2:1 = 10b: broadcast flush unsupported.
         vwc: if vwc { 0b101 } else { 0b100 },
         sgls: 1 | (1 << 20),
@@ -131,13 +155,18 @@ fn identify_cmd(ctx: AdminCtx<'_>, sqe: &Sqe) -> AdminReply {
     let nsid = sqe.nsid();
     let ns = ctx.subsys.namespaces();
     match Cns::from_u8(cns) {
-        Some(Cns::Controller) => {
-            AdminReply::data(identify_controller(ctx.target, ctx.subsys, ctx.ctrlr).to_bytes().to_vec())
-        }
+        Some(Cns::Controller) => AdminReply::data(
+            identify_controller(ctx.target, ctx.subsys, ctx.ctrlr)
+                .to_bytes()
+                .to_vec(),
+        ),
         Some(Cns::Namespace) if !ctx.subsys.is_discovery => {
             if nsid == 0xFFFF_FFFF {
                 // Common namespace capabilities: nothing beyond the LBA format.
-                let n = IdentifyNamespace { lbads: 9, ..Default::default() };
+                let n = IdentifyNamespace {
+                    lbads: 9,
+                    ..Default::default()
+                };
                 return AdminReply::data(n.to_bytes().to_vec());
             }
             match ns.get(nsid) {
@@ -200,8 +229,13 @@ fn get_log_page(ctx: AdminCtx<'_>, sqe: &Sqe) -> AdminReply {
         Some(LogPageId::Error) => vec![0u8; (ELPE as usize + 1) * log::ERROR_LOG_ENTRY_LEN],
         Some(LogPageId::Smart) if !disc => {
             let st = &ctx.ctrlr.stats;
-            let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            let hours = ctx.now.saturating_duration_since(ctx.ctrlr.created).as_secs() / 3600;
+            let ld =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let hours = ctx
+                .now
+                .saturating_duration_since(ctx.ctrlr.created)
+                .as_secs()
+                / 3600;
             SmartLog {
                 temperature: 273 + 25,
                 avail_spare: 100,
@@ -229,7 +263,8 @@ fn get_log_page(ctx: AdminCtx<'_>, sqe: &Sqe) -> AdminReply {
             let list = log::changed_ns_list(&c.changed_ns).to_vec();
             if !g.rae {
                 c.changed_ns.clear();
-                c.events.retain(|e| e.log_page != LogPageId::ChangedNamespaces as u8);
+                c.events
+                    .retain(|e| e.log_page != LogPageId::ChangedNamespaces as u8);
             }
             list
         }

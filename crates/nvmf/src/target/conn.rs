@@ -247,7 +247,10 @@ impl std::fmt::Debug for Connection {
 
 /// Largest PDU data the decoder accepts: the biggest H2CData or in-capsule data.
 fn max_rx_data(t: &Target) -> usize {
-    (t.opts.max_h2c_data.max(t.opts.in_capsule_data_size).max(ADMIN_IN_CAPSULE)) as usize
+    (t.opts
+        .max_h2c_data
+        .max(t.opts.in_capsule_data_size)
+        .max(ADMIN_IN_CAPSULE)) as usize
 }
 
 fn st(g: GenericStatus) -> Status {
@@ -321,7 +324,10 @@ impl Connection {
     }
     /// Commands handed to bdevs and not yet completed.
     pub fn executing(&self) -> usize {
-        self.slots.iter().filter(|s| s.state == SlotState::Executing).count()
+        self.slots
+            .iter()
+            .filter(|s| s.state == SlotState::Executing)
+            .count()
     }
 
     // ------------------------------------------------------------ input ----
@@ -368,10 +374,18 @@ impl Connection {
         match (self.phase, &p.header) {
             (Phase::AwaitIcReq, PduHeader::ICReq(r)) => {
                 if r.pfv != 0 {
-                    return Err(PduError::new(FatalError::InvalidHeaderField, 8, "unsupported PFV"));
+                    return Err(PduError::new(
+                        FatalError::InvalidHeaderField,
+                        8,
+                        "unsupported PFV",
+                    ));
                 }
                 if r.hpda > 31 {
-                    return Err(PduError::new(FatalError::InvalidHeaderField, 10, "HPDA above 31"));
+                    return Err(PduError::new(
+                        FatalError::InvalidHeaderField,
+                        10,
+                        "HPDA above 31",
+                    ));
                 }
                 let resp = IcResp {
                     pfv: 0,
@@ -379,9 +393,13 @@ impl Connection {
                     digest: r.digest,
                     maxh2cdata: self.target.opts.max_h2c_data,
                 };
-                self.out.push_with(|a| Encoder::default().pdu(&PduHeader::ICResp(resp), 0, &[], a));
+                self.out
+                    .push_with(|a| Encoder::default().pdu(&PduHeader::ICResp(resp), 0, &[], a));
                 self.dec.digest = r.digest;
-                self.enc = Encoder { digest: r.digest, pda: r.hpda };
+                self.enc = Encoder {
+                    digest: r.digest,
+                    pda: r.hpda,
+                };
                 self.phase = Phase::AwaitConnect;
                 debug!(peer = %self.peer, hdgst = r.digest.header, ddgst = r.digest.data, "ICReq accepted");
                 Ok(())
@@ -496,7 +514,8 @@ impl Connection {
     fn connect(&mut self, sqe: &Sqe, data: &[u8], now: Instant) -> Result<u16, (Status, u32)> {
         let invalid = |ipo: u16, in_data: bool| {
             (
-                Status::command_specific(CommandSpecificStatus::ConnectInvalidParameters).with_dnr(),
+                Status::command_specific(CommandSpecificStatus::ConnectInvalidParameters)
+                    .with_dnr(),
                 fabrics::connect_invalid_param(ipo, in_data),
             )
         };
@@ -526,7 +545,11 @@ impl Connection {
                 fabrics::connect_invalid_param(cdo::HOSTNQN, true),
             ));
         }
-        let max_sq = if cmd.qid == 0 { ADMIN_MAX_SQSIZE } else { self.target.opts.max_queue_depth };
+        let max_sq = if cmd.qid == 0 {
+            ADMIN_MAX_SQSIZE
+        } else {
+            self.target.opts.max_queue_depth
+        };
         if cmd.sqsize == 0 || cmd.sqsize >= max_sq {
             warn!(peer = %self.peer, sqsize = cmd.sqsize, qid = cmd.qid, "Connect with invalid sqsize");
             return Err(invalid(cso::SQSIZE, false));
@@ -535,7 +558,11 @@ impl Connection {
             if cd.cntlid != CNTLID_DYNAMIC {
                 return Err(invalid(cdo::CNTLID, true));
             }
-            let max_q = if subsys.is_discovery { 0 } else { self.target.opts.max_io_qpairs_per_ctrlr };
+            let max_q = if subsys.is_discovery {
+                0
+            } else {
+                self.target.opts.max_io_qpairs_per_ctrlr
+            };
             let Some(c) = subsys.create_controller(&cd.hostnqn, cd.hostid, cmd.kato, max_q, now)
             else {
                 warn!(subnqn = %subsys.nqn, "no free controller ID");
@@ -556,12 +583,19 @@ impl Connection {
             }
             let g = c.inner.lock();
             if g.state != CtrlState::Enabled {
-                warn!(cntlid = c.cntlid, "I/O queue Connect before the controller was enabled");
+                warn!(
+                    cntlid = c.cntlid,
+                    "I/O queue Connect before the controller was enabled"
+                );
                 drop(g);
                 return Err(invalid(cso::QID, false));
             }
             if cmd.qid > g.num_io_queues || g.queues.contains_key(&cmd.qid) {
-                warn!(cntlid = c.cntlid, qid = cmd.qid, "I/O queue Connect with invalid or duplicate qid");
+                warn!(
+                    cntlid = c.cntlid,
+                    qid = cmd.qid,
+                    "I/O queue Connect with invalid or duplicate qid"
+                );
                 drop(g);
                 return Err(invalid(cso::QID, false));
             }
@@ -645,7 +679,12 @@ impl Connection {
         let Some(subsys) = self.subsys.clone() else {
             return self.respond(cid, st(GenericStatus::CommandSequenceError), 0);
         };
-        let ctx = AdminCtx { target: &self.target, subsys: &subsys, ctrlr, now };
+        let ctx = AdminCtx {
+            target: &self.target,
+            subsys: &subsys,
+            ctrlr,
+            now,
+        };
         let reply = admin::execute(ctx, sqe);
         if reply.data.is_empty() || !reply.status.is_success() {
             return self.respond(cid, reply.status, reply.dw0);
@@ -677,15 +716,29 @@ impl Connection {
         }
     }
 
-    fn on_io(&mut self, sqe: &Sqe, data: &[u8], ctrlr: &Arc<Controller>, actions: &mut Vec<Action>) {
+    fn on_io(
+        &mut self,
+        sqe: &Sqe,
+        data: &[u8],
+        ctrlr: &Arc<Controller>,
+        actions: &mut Vec<Action>,
+    ) {
         let cid = sqe.cid();
         let Some(op) = IoOpcode::from_u8(sqe.opcode()) else {
             return self.respond(cid, st(GenericStatus::InvalidOpcode).with_dnr(), 0);
         };
-        let ns = match self.subsys.as_ref().and_then(|s| s.namespaces().get(sqe.nsid()).cloned()) {
+        let ns = match self
+            .subsys
+            .as_ref()
+            .and_then(|s| s.namespaces().get(sqe.nsid()).cloned())
+        {
             Some(ns) => ns,
             None => {
-                return self.respond(cid, st(GenericStatus::InvalidNamespaceOrFormat).with_dnr(), 0)
+                return self.respond(
+                    cid,
+                    st(GenericStatus::InvalidNamespaceOrFormat).with_dnr(),
+                    0,
+                )
             }
         };
         let bs = ns.bdev.block_size() as u64;
@@ -704,19 +757,42 @@ impl Connection {
                     return self.respond(cid, st(GenericStatus::LbaOutOfRange).with_dnr(), 0);
                 }
                 if (sgl.length as u64) < len {
-                    return self.respond(cid, st(GenericStatus::DataSglLengthInvalid).with_dnr(), 0);
+                    return self.respond(
+                        cid,
+                        st(GenericStatus::DataSglLengthInvalid).with_dnr(),
+                        0,
+                    );
                 }
                 if op == IoOpcode::Write && ns.read_only {
-                    return self
-                        .respond(cid, st(GenericStatus::NamespaceWriteProtected).with_dnr(), 0);
+                    return self.respond(
+                        cid,
+                        st(GenericStatus::NamespaceWriteProtected).with_dnr(),
+                        0,
+                    );
                 }
-                let kind = if op == IoOpcode::Read { IoKind::Read } else { IoKind::Write };
-                if kind == IoKind::Read {
-                    ctrlr.stats.host_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    ctrlr.stats.bytes_read.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                let kind = if op == IoOpcode::Read {
+                    IoKind::Read
                 } else {
-                    ctrlr.stats.host_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    ctrlr.stats.bytes_written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                    IoKind::Write
+                };
+                if kind == IoKind::Read {
+                    ctrlr
+                        .stats
+                        .host_reads
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ctrlr
+                        .stats
+                        .bytes_read
+                        .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    ctrlr
+                        .stats
+                        .host_writes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ctrlr
+                        .stats
+                        .bytes_written
+                        .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                 }
                 (kind, len as u32)
             }
@@ -727,8 +803,11 @@ impl Connection {
                     return self.respond(cid, st(GenericStatus::LbaOutOfRange).with_dnr(), 0);
                 }
                 if ns.read_only {
-                    return self
-                        .respond(cid, st(GenericStatus::NamespaceWriteProtected).with_dnr(), 0);
+                    return self.respond(
+                        cid,
+                        st(GenericStatus::NamespaceWriteProtected).with_dnr(),
+                        0,
+                    );
                 }
                 (IoKind::WriteZeroes, 0)
             }
@@ -738,13 +817,20 @@ impl Connection {
                     return self.respond(cid, Status::SUCCESS, 0);
                 }
                 if ns.read_only {
-                    return self
-                        .respond(cid, st(GenericStatus::NamespaceWriteProtected).with_dnr(), 0);
+                    return self.respond(
+                        cid,
+                        st(GenericStatus::NamespaceWriteProtected).with_dnr(),
+                        0,
+                    );
                 }
                 let nr = (sqe.cdw(10) & 0xFF) + 1;
                 let len = nr * 16;
                 if sgl.length < len {
-                    return self.respond(cid, st(GenericStatus::DataSglLengthInvalid).with_dnr(), 0);
+                    return self.respond(
+                        cid,
+                        st(GenericStatus::DataSglLengthInvalid).with_dnr(),
+                        0,
+                    );
                 }
                 (IoKind::Unmap, len)
             }
@@ -761,13 +847,25 @@ impl Connection {
             if sgl.is_in_capsule() {
                 let limit = opts.in_capsule_data_size;
                 if sgl.length > limit || data.len() as u32 != sgl.length {
-                    return self.respond(cid, st(GenericStatus::DataSglLengthInvalid).with_dnr(), 0);
+                    return self.respond(
+                        cid,
+                        st(GenericStatus::DataSglLengthInvalid).with_dnr(),
+                        0,
+                    );
                 }
             } else if !sgl.is_transport() {
-                return self.respond(cid, st(GenericStatus::SglDescriptorTypeInvalid).with_dnr(), 0);
+                return self.respond(
+                    cid,
+                    st(GenericStatus::SglDescriptorTypeInvalid).with_dnr(),
+                    0,
+                );
             }
         } else if kind == IoKind::Read && !sgl.is_transport() {
-            return self.respond(cid, st(GenericStatus::SglDescriptorTypeInvalid).with_dnr(), 0);
+            return self.respond(
+                cid,
+                st(GenericStatus::SglDescriptorTypeInvalid).with_dnr(),
+                0,
+            );
         }
         let Some(idx) = self.alloc_slot(cid, sqe, Some(ns), xfer) else {
             // More commands than the queue holds: the host broke SQ flow control.
@@ -796,7 +894,13 @@ impl Connection {
         self.start(idx, actions);
     }
 
-    fn alloc_slot(&mut self, cid: u16, sqe: &Sqe, ns: Option<Arc<Namespace>>, xfer: u32) -> Option<u16> {
+    fn alloc_slot(
+        &mut self,
+        cid: u16,
+        sqe: &Sqe,
+        ns: Option<Arc<Namespace>>,
+        xfer: u32,
+    ) -> Option<u16> {
         let idx = self.free.pop()?;
         let s = &mut self.slots[idx as usize];
         s.gen = s.gen.wrapping_add(1);
@@ -836,7 +940,12 @@ impl Connection {
         let needs_r2t = matches!(s.sqe.opcode(), 0x01 | 0x09) && s.recv_off < s.xfer_len;
         if needs_r2t {
             s.state = SlotState::AwaitData;
-            let r2t = R2t { cccid: s.cid, ttag: idx, r2to: 0, r2tl: s.xfer_len };
+            let r2t = R2t {
+                cccid: s.cid,
+                ttag: idx,
+                r2to: 0,
+                r2tl: s.xfer_len,
+            };
             let enc = self.enc;
             self.out.push_with(|a| {
                 enc.header(&PduHeader::R2T(r2t), 0, 0, a);
@@ -936,12 +1045,16 @@ impl Connection {
                     let off = s.dsm_next as usize * 16;
                     let r = &s.buf[off..off + 16];
                     let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
-                    let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+                    let slba =
+                        u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
                     s.dsm_next += 1;
                     if nlb == 0 {
                         continue;
                     }
-                    if !slba.checked_add(nlb).is_some_and(|e| e <= ns.bdev.num_blocks()) {
+                    if !slba
+                        .checked_add(nlb)
+                        .is_some_and(|e| e <= ns.bdev.num_blocks())
+                    {
                         return self.finish(idx, st(GenericStatus::LbaOutOfRange).with_dnr(), 0);
                     }
                     break BdevIo::unmap(slba, nlb);
@@ -949,7 +1062,11 @@ impl Connection {
             }
             _ => return self.finish(idx, st(GenericStatus::InvalidOpcode).with_dnr(), 0),
         };
-        actions.push(Action::Submit { bdev: ns.bdev.clone(), io, tag });
+        actions.push(Action::Submit {
+            bdev: ns.bdev.clone(),
+            io,
+            tag,
+        });
     }
 
     /// A bdev completed the I/O tagged `tag`.
@@ -1030,7 +1147,14 @@ impl Connection {
     // ----------------------------------------------------------- output ----
 
     fn cqe(&self, cid: u16, status: Status, dw0: u32) -> Cqe {
-        Cqe { dw0, dw1: 0, sqhd: self.sqhd, sqid: self.qid, cid, status }
+        Cqe {
+            dw0,
+            dw1: 0,
+            sqhd: self.sqhd,
+            sqid: self.qid,
+            cid,
+            status,
+        }
     }
 
     fn respond(&mut self, cid: u16, status: Status, dw0: u32) {
@@ -1061,10 +1185,16 @@ impl Connection {
         while off < data.len() {
             let n = (data.len() - off).min(max);
             let last = off + n == data.len();
-            let h = DataHdr { cccid: cid, ttag: 0, datao: off as u32, datal: n as u32 };
+            let h = DataHdr {
+                cccid: cid,
+                ttag: 0,
+                datao: off as u32,
+                datal: n as u32,
+            };
             let flags = if last { FLAG_LAST_PDU } else { 0 };
             let chunk = &data[off..off + n];
-            self.out.push_with(|a| enc.pdu(&PduHeader::C2HData(h), flags, chunk, a));
+            self.out
+                .push_with(|a| enc.pdu(&PduHeader::C2HData(h), flags, chunk, a));
             off += n;
         }
     }
@@ -1077,7 +1207,12 @@ impl Connection {
         while off < len {
             let n = (len - off).min(max);
             let last = off + n == len;
-            let h = DataHdr { cccid: cid, ttag: 0, datao: off, datal: n };
+            let h = DataHdr {
+                cccid: cid,
+                ttag: 0,
+                datao: off,
+                datal: n,
+            };
             let flags = if last { FLAG_LAST_PDU } else { 0 };
             self.out.push_with(|a| {
                 enc.header(&PduHeader::C2HData(h), flags, n as usize, a);
@@ -1087,7 +1222,8 @@ impl Connection {
                 let mut d = DataDigest::new();
                 d.update(&self.slots[idx as usize].buf[off as usize..(off + n) as usize]);
                 let v = d.finish();
-                self.out.push_with(|a| a.extend_from_slice(&v.to_le_bytes()));
+                self.out
+                    .push_with(|a| a.extend_from_slice(&v.to_le_bytes()));
             }
             off += n;
         }

@@ -57,7 +57,11 @@ pub struct AsyncEvent {
 }
 
 impl AsyncEvent {
-    pub const NS_CHANGED: AsyncEvent = AsyncEvent { event_type: 2, info: 0, log_page: 0x04 };
+    pub const NS_CHANGED: AsyncEvent = AsyncEvent {
+        event_type: 2,
+        info: 0,
+        log_page: 0x04,
+    };
     /// Completion dword 0 of the AER that reports this event.
     pub fn dw0(&self) -> u32 {
         self.event_type as u32 | (self.info as u32) << 8 | (self.log_page as u32) << 16

@@ -74,8 +74,16 @@ pub struct ListenAddress {
 
 impl ListenAddress {
     pub fn new(traddr: &str, trsvcid: &str) -> Self {
-        let adrfam = if traddr.contains(':') { AdrFam::Ipv6 } else { AdrFam::Ipv4 };
-        ListenAddress { adrfam, traddr: traddr.into(), trsvcid: trsvcid.into() }
+        let adrfam = if traddr.contains(':') {
+            AdrFam::Ipv6
+        } else {
+            AdrFam::Ipv4
+        };
+        ListenAddress {
+            adrfam,
+            traddr: traddr.into(),
+            trsvcid: trsvcid.into(),
+        }
     }
     pub fn from_socket_addr(a: &std::net::SocketAddr) -> Self {
         ListenAddress {
@@ -125,7 +133,11 @@ pub enum TargetError {
     #[error("subsystem {nqn}: no free namespace ID")]
     TooManyNamespaces { nqn: String },
     #[error("subsystem {nqn}: bdev {bdev} is already namespace {nsid}")]
-    BdevInUse { nqn: String, bdev: String, nsid: u32 },
+    BdevInUse {
+        nqn: String,
+        bdev: String,
+        nsid: u32,
+    },
     #[error("subsystem {nqn}: host {host} is already allowed")]
     HostExists { nqn: String, host: String },
     #[error("subsystem {nqn}: host {host} is not on the allow list")]
@@ -240,14 +252,18 @@ impl Target {
     /// Lets hosts reach subsystem `nqn` through `a` (the socket is the TCP layer's
     /// business); bumps the discovery generation.
     pub fn add_listener(&self, nqn: &str, a: ListenAddress) -> Result<(), TargetError> {
-        let s = self.subsystem(nqn).ok_or_else(|| TargetError::NoSuchSubsystem { nqn: nqn.into() })?;
+        let s = self
+            .subsystem(nqn)
+            .ok_or_else(|| TargetError::NoSuchSubsystem { nqn: nqn.into() })?;
         s.add_listener(a)?;
         self.bump_genctr();
         Ok(())
     }
 
     pub fn remove_listener(&self, nqn: &str, a: &ListenAddress) -> Result<(), TargetError> {
-        let s = self.subsystem(nqn).ok_or_else(|| TargetError::NoSuchSubsystem { nqn: nqn.into() })?;
+        let s = self
+            .subsystem(nqn)
+            .ok_or_else(|| TargetError::NoSuchSubsystem { nqn: nqn.into() })?;
         s.remove_listener(a)?;
         self.bump_genctr();
         Ok(())
@@ -257,7 +273,12 @@ impl Target {
     pub fn controller_infos(&self, nqn: &str) -> Option<Vec<ControllerInfo>> {
         let s = self.subsystem(nqn)?;
         let now = Instant::now();
-        Some(s.controllers().iter().map(|c| ControllerInfo::of(c, now)).collect())
+        Some(
+            s.controllers()
+                .iter()
+                .map(|c| ControllerInfo::of(c, now))
+                .collect(),
+        )
     }
 }
 

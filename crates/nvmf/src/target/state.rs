@@ -76,7 +76,10 @@ impl CtrlState {
             self
         };
         if !self.can_move_to(next) {
-            return Err(IllegalTransition { from: self, to: next });
+            return Err(IllegalTransition {
+                from: self,
+                to: next,
+            });
         }
         let effect = match (self, next) {
             (Enabled, Disabled) | (Enabled, ShutdownComplete) => Effect::DropIoQueues,
@@ -88,10 +91,26 @@ impl CtrlState {
     /// CSTS as the host reads it in this state.
     pub fn csts(self, was_ready: bool) -> Csts {
         match self {
-            CtrlState::Disabled => Csts { rdy: false, cfs: false, shst: 0 },
-            CtrlState::Enabled => Csts { rdy: true, cfs: false, shst: 0 },
-            CtrlState::ShutdownComplete => Csts { rdy: was_ready, cfs: false, shst: 2 },
-            CtrlState::Fatal => Csts { rdy: was_ready, cfs: true, shst: 0 },
+            CtrlState::Disabled => Csts {
+                rdy: false,
+                cfs: false,
+                shst: 0,
+            },
+            CtrlState::Enabled => Csts {
+                rdy: true,
+                cfs: false,
+                shst: 0,
+            },
+            CtrlState::ShutdownComplete => Csts {
+                rdy: was_ready,
+                cfs: false,
+                shst: 2,
+            },
+            CtrlState::Fatal => Csts {
+                rdy: was_ready,
+                cfs: true,
+                shst: 0,
+            },
         }
     }
 
@@ -107,12 +126,21 @@ mod tests {
     use CtrlState::*;
 
     fn cc(en: bool, shn: u8) -> Cc {
-        Cc { en, shn, iosqes: 6, iocqes: 4, ..Default::default() }
+        Cc {
+            en,
+            shn,
+            iosqes: 6,
+            iocqes: 4,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn enable_disable_shutdown() {
-        assert_eq!(Disabled.on_cc_write(cc(false, 0), cc(true, 0)), Ok((Enabled, Effect::None)));
+        assert_eq!(
+            Disabled.on_cc_write(cc(false, 0), cc(true, 0)),
+            Ok((Enabled, Effect::None))
+        );
         assert_eq!(
             Enabled.on_cc_write(cc(true, 0), cc(false, 0)),
             Ok((Disabled, Effect::DropIoQueues))
@@ -125,17 +153,29 @@ mod tests {
             ShutdownComplete.on_cc_write(cc(true, 1), cc(false, 0)),
             Ok((Disabled, Effect::None))
         );
-        assert_eq!(Disabled.on_cc_write(cc(false, 0), cc(false, 1)).unwrap().0, ShutdownComplete);
+        assert_eq!(
+            Disabled.on_cc_write(cc(false, 0), cc(false, 1)).unwrap().0,
+            ShutdownComplete
+        );
     }
 
     #[test]
     fn illegal_moves_are_rejected() {
         // Enabling straight out of shutdown, without a reset first.
         let r = ShutdownComplete.on_cc_write(cc(false, 1), cc(true, 1));
-        assert_eq!(r, Err(IllegalTransition { from: ShutdownComplete, to: Enabled }));
+        assert_eq!(
+            r,
+            Err(IllegalTransition {
+                from: ShutdownComplete,
+                to: Enabled
+            })
+        );
         assert!(!Fatal.can_move_to(Enabled));
         assert!(!Fatal.can_move_to(Disabled));
-        assert_eq!(Fatal.on_cc_write(cc(true, 0), cc(false, 0)), Ok((Fatal, Effect::None)));
+        assert_eq!(
+            Fatal.on_cc_write(cc(true, 0), cc(false, 0)),
+            Ok((Fatal, Effect::None))
+        );
     }
 
     #[test]

@@ -141,7 +141,10 @@ impl Subsystem {
             hosts: RwLock::new(BTreeSet::new()),
             ns: ArcSwap::from_pointee(NsTable::default()),
             listeners: RwLock::new(Vec::new()),
-            ctrlrs: Mutex::new(CtrlrTable { by_id: BTreeMap::new(), next: cfg.min_cntlid }),
+            ctrlrs: Mutex::new(CtrlrTable {
+                by_id: BTreeMap::new(),
+                next: cfg.min_cntlid,
+            }),
             ns_write: Mutex::new(()),
         })
     }
@@ -163,14 +166,20 @@ impl Subsystem {
     pub fn add_host(&self, hostnqn: &str) -> Result<(), TargetError> {
         validate_nqn(hostnqn)?;
         if !self.hosts.write().insert(hostnqn.to_string()) {
-            return Err(TargetError::HostExists { nqn: self.nqn.clone(), host: hostnqn.into() });
+            return Err(TargetError::HostExists {
+                nqn: self.nqn.clone(),
+                host: hostnqn.into(),
+            });
         }
         Ok(())
     }
     /// Removes a host from the allow-list and disconnects its controllers (as SPDK does).
     pub fn remove_host(&self, hostnqn: &str) -> Result<(), TargetError> {
         if !self.hosts.write().remove(hostnqn) {
-            return Err(TargetError::NoSuchHost { nqn: self.nqn.clone(), host: hostnqn.into() });
+            return Err(TargetError::NoSuchHost {
+                nqn: self.nqn.clone(),
+                host: hostnqn.into(),
+            });
         }
         self.disconnect_disallowed_hosts();
         Ok(())
@@ -194,7 +203,10 @@ impl Subsystem {
     pub(crate) fn add_listener(&self, a: ListenAddress) -> Result<(), TargetError> {
         let mut l = self.listeners.write();
         if l.contains(&a) {
-            return Err(TargetError::ListenerExists { nqn: self.nqn.clone(), addr: a.to_string() });
+            return Err(TargetError::ListenerExists {
+                nqn: self.nqn.clone(),
+                addr: a.to_string(),
+            });
         }
         l.push(a);
         Ok(())
@@ -204,7 +216,10 @@ impl Subsystem {
         let before = l.len();
         l.retain(|x| x != a);
         if l.len() == before {
-            return Err(TargetError::NoSuchListener { nqn: self.nqn.clone(), addr: a.to_string() });
+            return Err(TargetError::NoSuchListener {
+                nqn: self.nqn.clone(),
+                addr: a.to_string(),
+            });
         }
         Ok(())
     }
@@ -247,13 +262,21 @@ impl Subsystem {
         let nsid = match nsid {
             Some(0) | None => (1..=self.max_namespaces)
                 .find(|n| cur.get(*n).is_none())
-                .ok_or(TargetError::TooManyNamespaces { nqn: self.nqn.clone() })?,
+                .ok_or(TargetError::TooManyNamespaces {
+                    nqn: self.nqn.clone(),
+                })?,
             Some(n) if n > self.max_namespaces || n == 0xFFFF_FFFF => {
-                return Err(TargetError::InvalidNsid { nqn: self.nqn.clone(), nsid: n })
+                return Err(TargetError::InvalidNsid {
+                    nqn: self.nqn.clone(),
+                    nsid: n,
+                })
             }
             Some(n) => {
                 if cur.get(n).is_some() {
-                    return Err(TargetError::NamespaceExists { nqn: self.nqn.clone(), nsid: n });
+                    return Err(TargetError::NamespaceExists {
+                        nqn: self.nqn.clone(),
+                        nsid: n,
+                    });
                 }
                 n
             }
@@ -264,7 +287,13 @@ impl Subsystem {
         if slots.len() < nsid as usize {
             slots.resize(nsid as usize, None);
         }
-        slots[nsid as usize - 1] = Some(Arc::new(Namespace { nsid, bdev, nguid, uuid, read_only }));
+        slots[nsid as usize - 1] = Some(Arc::new(Namespace {
+            nsid,
+            bdev,
+            nguid,
+            uuid,
+            read_only,
+        }));
         self.ns.store(Arc::new(NsTable { slots }));
         drop(_w);
         self.notify_ns_changed(nsid);
@@ -275,10 +304,10 @@ impl Subsystem {
     pub fn remove_namespace(&self, nsid: u32) -> Result<Arc<Namespace>, TargetError> {
         let _w = self.ns_write.lock();
         let cur = self.ns.load();
-        let ns = cur
-            .get(nsid)
-            .cloned()
-            .ok_or(TargetError::NoSuchNamespace { nqn: self.nqn.clone(), nsid })?;
+        let ns = cur.get(nsid).cloned().ok_or(TargetError::NoSuchNamespace {
+            nqn: self.nqn.clone(),
+            nsid,
+        })?;
         let mut slots = cur.slots.clone();
         slots[nsid as usize - 1] = None;
         while matches!(slots.last(), Some(None)) {
@@ -312,7 +341,11 @@ impl Subsystem {
         let span = (self.max_cntlid - self.min_cntlid) as u32 + 1;
         for _ in 0..span {
             let id = t.next;
-            t.next = if id >= self.max_cntlid { self.min_cntlid } else { id + 1 };
+            t.next = if id >= self.max_cntlid {
+                self.min_cntlid
+            } else {
+                id + 1
+            };
             if !t.by_id.contains_key(&id) {
                 let c = Controller::new(
                     id,
@@ -357,7 +390,10 @@ impl Subsystem {
 /// Checks an NQN as SPDK does: at most 223 bytes, and either the UUID form
 /// `nqn.2014-08.org.nvmexpress:uuid:<uuid>` or `nqn.yyyy-mm.<reverse domain>[:...]`.
 pub fn validate_nqn(nqn: &str) -> Result<(), TargetError> {
-    let bad = |why: &str| TargetError::InvalidNqn { nqn: nqn.into(), why: why.into() };
+    let bad = |why: &str| TargetError::InvalidNqn {
+        nqn: nqn.into(),
+        why: why.into(),
+    };
     if nqn.len() > 223 {
         return Err(bad("longer than 223 bytes"));
     }
@@ -365,9 +401,13 @@ pub fn validate_nqn(nqn: &str) -> Result<(), TargetError> {
         return Ok(());
     }
     if let Some(u) = nqn.strip_prefix("nqn.2014-08.org.nvmexpress:uuid:") {
-        return uuid::Uuid::parse_str(u).map(|_| ()).map_err(|_| bad("invalid UUID"));
+        return uuid::Uuid::parse_str(u)
+            .map(|_| ())
+            .map_err(|_| bad("invalid UUID"));
     }
-    let rest = nqn.strip_prefix("nqn.").ok_or_else(|| bad("must start with \"nqn.\""))?;
+    let rest = nqn
+        .strip_prefix("nqn.")
+        .ok_or_else(|| bad("must start with \"nqn.\""))?;
     let b = rest.as_bytes();
     let date_ok = b.len() > 8
         && b[..4].iter().all(u8::is_ascii_digit)
@@ -378,7 +418,12 @@ pub fn validate_nqn(nqn: &str) -> Result<(), TargetError> {
         return Err(bad("expected nqn.yyyy-mm.<reverse domain>"));
     }
     let domain = rest[8..].split(':').next().unwrap_or("");
-    if domain.is_empty() || !domain.bytes().next().is_some_and(|c| c.is_ascii_alphabetic()) {
+    if domain.is_empty()
+        || !domain
+            .bytes()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+    {
         return Err(bad("reverse domain must start with a letter"));
     }
     if !nqn.is_ascii() {
@@ -394,7 +439,10 @@ mod tests {
     #[test]
     fn nqn_validation() {
         assert!(validate_nqn("nqn.2016-06.io.spdk:cnode1").is_ok());
-        assert!(validate_nqn("nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555").is_ok());
+        assert!(validate_nqn(
+            "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
+        )
+        .is_ok());
         assert!(validate_nqn(nvme_wire::DISCOVERY_NQN).is_ok());
         assert!(validate_nqn("iqn.2016-06.io.spdk:x").is_err());
         assert!(validate_nqn("nqn.16-06.io.spdk:x").is_err());
@@ -409,7 +457,10 @@ mod tests {
         cfg.max_cntlid = 6;
         let s = Subsystem::new(cfg, false).unwrap();
         let b: BdevRef = Arc::new(bdev::malloc::MallocBdev::new("m", 8, 512, None).unwrap());
-        assert_eq!(s.add_namespace(b.clone(), None, None, None, false).unwrap(), 1);
+        assert_eq!(
+            s.add_namespace(b.clone(), None, None, None, false).unwrap(),
+            1
+        );
         assert!(matches!(
             s.add_namespace(b.clone(), None, None, None, false),
             Err(TargetError::BdevInUse { .. })
@@ -424,6 +475,9 @@ mod tests {
         assert_eq!((a.cntlid, b2.cntlid), (5, 6));
         assert!(s.create_controller("h", [0; 16], 0, 4, now).is_none());
         s.remove_controller(5);
-        assert_eq!(s.create_controller("h", [0; 16], 0, 4, now).unwrap().cntlid, 5);
+        assert_eq!(
+            s.create_controller("h", [0; 16], 0, 4, now).unwrap().cntlid,
+            5
+        );
     }
 }

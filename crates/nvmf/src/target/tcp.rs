@@ -126,27 +126,40 @@ impl TcpTarget {
         let local = match existing {
             Some(l) => l,
             None => {
-                let sock = TcpListener::bind(&key).await.map_err(|e| TargetError::Listen {
-                    addr: key.clone(),
-                    why: e.to_string(),
-                })?;
+                let sock = TcpListener::bind(&key)
+                    .await
+                    .map_err(|e| TargetError::Listen {
+                        addr: key.clone(),
+                        why: e.to_string(),
+                    })?;
                 let local = sock.local_addr().map_err(|e| TargetError::Listen {
                     addr: key.clone(),
                     why: e.to_string(),
                 })?;
-                let actual = ListenAddress { trsvcid: local.port().to_string(), ..addr.clone() };
+                let actual = ListenAddress {
+                    trsvcid: local.port().to_string(),
+                    ..addr.clone()
+                };
                 let me = Arc::downgrade(self);
                 let la = actual.clone();
                 let task = tokio::spawn(async move { accept_loop(me, sock, la).await });
                 info!(addr = %actual, "NVMe/TCP target listening");
                 let k = actual.socket_addr_string();
-                self.listeners
-                    .lock()
-                    .insert(k, ListenerEntry { local, subsystems: BTreeSet::new(), task });
+                self.listeners.lock().insert(
+                    k,
+                    ListenerEntry {
+                        local,
+                        subsystems: BTreeSet::new(),
+                        task,
+                    },
+                );
                 local
             }
         };
-        let actual = ListenAddress { trsvcid: local.port().to_string(), ..addr };
+        let actual = ListenAddress {
+            trsvcid: local.port().to_string(),
+            ..addr
+        };
         self.target.add_listener(nqn, actual.clone())?;
         if let Some(l) = self.listeners.lock().get_mut(&actual.socket_addr_string()) {
             l.subsystems.insert(nqn.to_string());
@@ -433,7 +446,9 @@ async fn drive(
         sink.waiting.store(false, Ordering::SeqCst);
     };
     conn.on_close();
-    let _ = stream.into_std().map(|s| s.shutdown(std::net::Shutdown::Both));
+    let _ = stream
+        .into_std()
+        .map(|s| s.shutdown(std::net::Shutdown::Both));
     result
 }
 

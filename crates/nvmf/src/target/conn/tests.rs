@@ -65,10 +65,16 @@ impl Reply {
         v
     }
     fn types(&self) -> Vec<String> {
-        self.pdus.iter().map(|(p, _)| format!("{:?}", p.header.pdu_type())).collect()
+        self.pdus
+            .iter()
+            .map(|(p, _)| format!("{:?}", p.header.pdu_type()))
+            .collect()
     }
     fn c2h_count(&self) -> usize {
-        self.pdus.iter().filter(|(p, _)| matches!(p.header, PduHeader::C2HData(_))).count()
+        self.pdus
+            .iter()
+            .filter(|(p, _)| matches!(p.header, PduHeader::C2HData(_)))
+            .count()
     }
 }
 
@@ -145,7 +151,16 @@ impl H {
     }
 
     fn icreq(&mut self, digest: DigestConfig) {
-        let r = self.pdu(PduHeader::ICReq(IcReq { pfv: 0, hpda: 0, digest, maxr2t: 0 }), 0, &[]);
+        let r = self.pdu(
+            PduHeader::ICReq(IcReq {
+                pfv: 0,
+                hpda: 0,
+                digest,
+                maxr2t: 0,
+            }),
+            0,
+            &[],
+        );
         match r.pdus[0].0.header {
             PduHeader::ICResp(resp) => {
                 assert_eq!(resp.digest, digest, "ICResp echoes the digests asked for");
@@ -158,18 +173,41 @@ impl H {
     }
 
     fn connect(&mut self, qid: u16, cntlid: u16, host: &str, subnqn: &str) -> Cqe {
-        let c = ConnectCmd { recfmt: 0, qid, sqsize: 31, cattr: 0, kato: 5000 };
-        let d = ConnectData { hostid: [7; 16], cntlid, subnqn: subnqn.into(), hostnqn: host.into() };
+        let c = ConnectCmd {
+            recfmt: 0,
+            qid,
+            sqsize: 31,
+            cattr: 0,
+            kato: 5000,
+        };
+        let d = ConnectData {
+            hostid: [7; 16],
+            cntlid,
+            subnqn: subnqn.into(),
+            hostnqn: host.into(),
+        };
         self.cmd(c.to_sqe(0), &d.to_bytes()).cqe()
     }
 
     fn prop_get(&mut self, off: u32, size8: bool) -> u64 {
-        self.cmd(PropertyCmd::get_sqe(0, off, size8), &[]).cqe().result_u64()
+        self.cmd(PropertyCmd::get_sqe(0, off, size8), &[])
+            .cqe()
+            .result_u64()
     }
 
     fn enable(&mut self) {
-        let cc = Cc { en: true, iosqes: 6, iocqes: 4, ..Default::default() };
-        let cqe = self.cmd(PropertyCmd::set_sqe(0, reg::CC, cc.to_u32() as u64, false), &[]).cqe();
+        let cc = Cc {
+            en: true,
+            iosqes: 6,
+            iocqes: 4,
+            ..Default::default()
+        };
+        let cqe = self
+            .cmd(
+                PropertyCmd::set_sqe(0, reg::CC, cc.to_u32() as u64, false),
+                &[],
+            )
+            .cqe();
         assert!(cqe.status.is_success());
         assert!(Csts::from_u32(self.prop_get(reg::CSTS, false) as u32).rdy);
     }
@@ -213,7 +251,9 @@ fn io_sqe(op: u8, slba: u64, nlb: u32, sgl: Sgl) -> Sqe {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -238,7 +278,10 @@ fn bring_up_and_identify() {
     s.set_cdw(10, 2);
     s.set_sgl(Sgl::transport(4096));
     let r = h.cmd(s, &[]);
-    assert_eq!(nvme_wire::identify::parse_active_ns_list(&r.data()), vec![1]);
+    assert_eq!(
+        nvme_wire::identify::parse_active_ns_list(&r.data()),
+        vec![1]
+    );
     // Number of queues: ask 8, get 8.
     let mut s = Sqe::new(0x09, 0);
     s.set_cdw(10, 0x07);
@@ -259,20 +302,34 @@ fn commands_before_enable_are_sequence_errors() {
     // A command before Connect.
     let mut s = Sqe::new(0x06, 0);
     s.set_cdw(10, 1);
-    assert_eq!(h.cmd(s, &[]).cqe().status, Status::generic(G::CommandSequenceError));
+    assert_eq!(
+        h.cmd(s, &[]).cqe().status,
+        Status::generic(G::CommandSequenceError)
+    );
     assert!(h.connect(0, 0xFFFF, HOST, NQN).status.is_success());
     let mut s = Sqe::new(0x06, 0);
     s.set_cdw(10, 1);
     s.set_sgl(Sgl::transport(4096));
-    assert_eq!(h.cmd(s, &[]).cqe().status, Status::generic(G::CommandSequenceError));
+    assert_eq!(
+        h.cmd(s, &[]).cqe().status,
+        Status::generic(G::CommandSequenceError)
+    );
 }
 
 #[test]
 fn acl_rejects_unknown_host_with_dnr() {
     let mut h = H::new(TransportOpts::default());
     h.icreq(DigestConfig::default());
-    let cqe = h.connect(0, 0xFFFF, "nqn.2014-08.org.nvmexpress:uuid:99999999-0000-0000-0000-000000000000", NQN);
-    assert_eq!(cqe.status, Status::command_specific(Cs::ConnectInvalidHost).with_dnr());
+    let cqe = h.connect(
+        0,
+        0xFFFF,
+        "nqn.2014-08.org.nvmexpress:uuid:99999999-0000-0000-0000-000000000000",
+        NQN,
+    );
+    assert_eq!(
+        cqe.status,
+        Status::command_specific(Cs::ConnectInvalidHost).with_dnr()
+    );
     assert!(h.conn.is_closing());
     assert!(h.target.subsystem(NQN).unwrap().controllers().is_empty());
 }
@@ -282,13 +339,22 @@ fn connect_to_unknown_subsystem_names_the_field() {
     let mut h = H::new(TransportOpts::default());
     h.icreq(DigestConfig::default());
     let cqe = h.connect(0, 0xFFFF, HOST, "nqn.2024-01.io.corral:nope");
-    assert_eq!(cqe.status, Status::command_specific(Cs::ConnectInvalidParameters).with_dnr());
+    assert_eq!(
+        cqe.status,
+        Status::command_specific(Cs::ConnectInvalidParameters).with_dnr()
+    );
     assert_eq!(cqe.dw0, 256 | 1 << 16, "IPO subnqn, IATTR data");
 }
 
 #[test]
 fn io_in_capsule_r2t_and_split_reads() {
-    for digest in [DigestConfig::default(), DigestConfig { header: true, data: true }] {
+    for digest in [
+        DigestConfig::default(),
+        DigestConfig {
+            header: true,
+            data: true,
+        },
+    ] {
         let (h, cntlid) = H::admin(TransportOpts::default());
         let mut q = h.io_queue(cntlid, digest);
         // In-capsule write of 8 blocks.
@@ -306,7 +372,12 @@ fn io_in_capsule_r2t_and_split_reads() {
         assert_eq!(r2tl, 1 << 20);
         let mut last = None;
         for (i, chunk) in big.chunks(128 << 10).enumerate() {
-            let dh = DataHdr { cccid: cid, ttag, datao: (i * (128 << 10)) as u32, datal: chunk.len() as u32 };
+            let dh = DataHdr {
+                cccid: cid,
+                ttag,
+                datao: (i * (128 << 10)) as u32,
+                datal: chunk.len() as u32,
+            };
             let flags = if i == 7 { FLAG_LAST_PDU } else { 0 };
             last = Some(q.pdu(PduHeader::H2CData(dh), flags, chunk));
         }
@@ -350,20 +421,32 @@ fn io_errors_get_nvme_statuses() {
     assert_eq!(r.cqe().status, Status::generic(G::LbaOutOfRange).with_dnr());
     let mut s = io_sqe(0x02, 0, 8, Sgl::transport(4096));
     s.set_nsid(9);
-    assert_eq!(q.cmd(s, &[]).cqe().status, Status::generic(G::InvalidNamespaceOrFormat).with_dnr());
+    assert_eq!(
+        q.cmd(s, &[]).cqe().status,
+        Status::generic(G::InvalidNamespaceOrFormat).with_dnr()
+    );
     // Oversized transfer (above MDTS).
     let mut s = io_sqe(0x02, 0, 0, Sgl::transport(u32::MAX));
     s.set_cdw(12, 0xFFFF);
-    assert_eq!(q.cmd(s, &[]).cqe().status, Status::generic(G::InvalidField).with_dnr());
+    assert_eq!(
+        q.cmd(s, &[]).cqe().status,
+        Status::generic(G::InvalidField).with_dnr()
+    );
     // SGL shorter than the data.
     let r = q.cmd(io_sqe(0x02, 0, 8, Sgl::transport(512)), &[]);
-    assert_eq!(r.cqe().status, Status::generic(G::DataSglLengthInvalid).with_dnr());
+    assert_eq!(
+        r.cqe().status,
+        Status::generic(G::DataSglLengthInvalid).with_dnr()
+    );
     // Unknown I/O opcode.
     let r = q.cmd(io_sqe(0x7E, 0, 1, Sgl::default()), &[]);
     assert_eq!(r.cqe().status, Status::generic(G::InvalidOpcode).with_dnr());
     // In-capsule data whose length disagrees with the SGL.
     let r = q.cmd(io_sqe(0x01, 0, 1, Sgl::in_capsule(512)), &[0u8; 100]);
-    assert_eq!(r.cqe().status, Status::generic(G::DataSglLengthInvalid).with_dnr());
+    assert_eq!(
+        r.cqe().status,
+        Status::generic(G::DataSglLengthInvalid).with_dnr()
+    );
     // The queue still works.
     let r = q.cmd(io_sqe(0x02, 0, 1, Sgl::transport(512)), &[]);
     assert!(r.cqe().status.is_success());
@@ -374,24 +457,35 @@ fn malformed_pdus_get_term_req() {
     // (mutation of a valid CapsuleCmd, expected fes, expected fei)
     type Mutation = fn(&mut Vec<u8>);
     let cases: Vec<(Mutation, u16, u32)> = vec![
-        (|b| b[2] = 24, 1, 2),               // wrong hlen
-        (|b| b[0] = 0x08, 1, 0),             // unknown PDU type
-        (|b| b[72] ^= 0xFF, 3, 0),           // header digest mismatch
-        (|b| b[4..8].copy_from_slice(&(64u32 << 20).to_le_bytes()), 5, 0), // huge plen
+        (|b| b[2] = 24, 1, 2),     // wrong hlen
+        (|b| b[0] = 0x08, 1, 0),   // unknown PDU type
+        (|b| b[72] ^= 0xFF, 3, 0), // header digest mismatch
+        (
+            |b| b[4..8].copy_from_slice(&(64u32 << 20).to_le_bytes()),
+            5,
+            0,
+        ), // huge plen
     ];
     for (mutate, fes, fei) in cases {
         let mut h = H::new(TransportOpts::default());
-        let dg = DigestConfig { header: true, data: false };
+        let dg = DigestConfig {
+            header: true,
+            data: false,
+        };
         h.icreq(dg);
         let mut b = Vec::new();
-        h.enc.pdu(&PduHeader::CapsuleCmd(Sqe::new(0x06, 1)), 0, &[], &mut b);
+        h.enc
+            .pdu(&PduHeader::CapsuleCmd(Sqe::new(0x06, 1)), 0, &[], &mut b);
         mutate(&mut b);
         let mut actions = Vec::new();
         h.conn.on_bytes(&b, Instant::now(), &mut actions);
         let out = h.conn.take_output(&mut actions);
         assert_eq!(out[0], 0x03, "C2HTermReq");
         assert_eq!(u16::from_le_bytes([out[8], out[9]]), fes);
-        assert_eq!(u32::from_le_bytes([out[10], out[11], out[12], out[13]]), fei);
+        assert_eq!(
+            u32::from_le_bytes([out[10], out[11], out[12], out[13]]),
+            fei
+        );
         assert!(h.conn.is_closing());
     }
 }
@@ -408,12 +502,35 @@ fn pdus_out_of_sequence_are_fatal() {
     // H2CData without an R2T, and data beyond the command.
     let (h, cntlid) = H::admin(TransportOpts::default());
     let mut q = h.io_queue(cntlid, DigestConfig::default());
-    let r = q.pdu(PduHeader::H2CData(DataHdr { cccid: 1, ttag: 3, datao: 0, datal: 4 }), 0, &[0; 4]);
-    assert_eq!(r.pdus[0].0.header.pdu_type(), nvme_wire::pdu::PduType::C2HTermReq);
+    let r = q.pdu(
+        PduHeader::H2CData(DataHdr {
+            cccid: 1,
+            ttag: 3,
+            datao: 0,
+            datal: 4,
+        }),
+        0,
+        &[0; 4],
+    );
+    assert_eq!(
+        r.pdus[0].0.header.pdu_type(),
+        nvme_wire::pdu::PduType::C2HTermReq
+    );
     let mut q = h.io_queue_again(cntlid);
     let r = q.cmd(io_sqe(0x01, 0, 1, Sgl::transport(512)), &[]);
-    let PduHeader::R2T(t) = r.pdus[0].0.header else { panic!("R2T") };
-    let r = q.pdu(PduHeader::H2CData(DataHdr { cccid: t.cccid, ttag: t.ttag, datao: 0, datal: 1024 }), 0, &[0; 1024]);
+    let PduHeader::R2T(t) = r.pdus[0].0.header else {
+        panic!("R2T")
+    };
+    let r = q.pdu(
+        PduHeader::H2CData(DataHdr {
+            cccid: t.cccid,
+            ttag: t.ttag,
+            datao: 0,
+            datal: 1024,
+        }),
+        0,
+        &[0; 1024],
+    );
     match r.pdus[0].0.header {
         PduHeader::C2HTermReq(tr) => assert_eq!(tr.fes, 4),
         ref x => panic!("{x:?}"),
@@ -433,12 +550,16 @@ impl H {
 #[test]
 fn data_digest_error_fails_the_command_not_the_connection() {
     let (h, cntlid) = H::admin(TransportOpts::default());
-    let dg = DigestConfig { header: false, data: true };
+    let dg = DigestConfig {
+        header: false,
+        data: true,
+    };
     let mut q = h.io_queue(cntlid, dg);
     let mut b = Vec::new();
     let mut sqe = io_sqe(0x01, 0, 1, Sgl::in_capsule(512));
     sqe.set_cid(77);
-    q.enc.pdu(&PduHeader::CapsuleCmd(sqe), 0, &[5u8; 512], &mut b);
+    q.enc
+        .pdu(&PduHeader::CapsuleCmd(sqe), 0, &[5u8; 512], &mut b);
     let n = b.len();
     b[n - 10] ^= 1;
     let r = q.feed(&b);
@@ -457,47 +578,101 @@ fn keep_alive_expiry_closes_every_queue() {
     assert_eq!(h.target.check_keep_alive(now), 0);
     // Keep Alive command pushes the deadline.
     h.cmd(Sqe::new(0x18, 0), &[]);
-    assert_eq!(h.target.check_keep_alive(now + Duration::from_millis(4000)), 0);
-    assert_eq!(h.target.check_keep_alive(now + Duration::from_millis(6000)), 1);
+    assert_eq!(
+        h.target.check_keep_alive(now + Duration::from_millis(4000)),
+        0
+    );
+    assert_eq!(
+        h.target.check_keep_alive(now + Duration::from_millis(6000)),
+        1
+    );
     assert!(h.conn.queue_ctl().is_closing());
     assert!(q.conn.queue_ctl().is_closing());
     assert_eq!(c.state(), CtrlState::Fatal);
     assert!(Csts::from_u32(h.prop_get(reg::CSTS, false) as u32).cfs);
     h.conn.on_close();
-    assert!(h.target.subsystem(NQN).unwrap().controller(cntlid).is_none());
+    assert!(h
+        .target
+        .subsystem(NQN)
+        .unwrap()
+        .controller(cntlid)
+        .is_none());
 }
 
 #[test]
 fn io_queue_connect_rules() {
     let (h, cntlid) = H::admin(TransportOpts::default());
-    let mut q = H { target: h.target.clone(), conn: Connection::new(h.target.clone(), ListenAddress::new("127.0.0.1", "4420"), "x".into()), enc: Encoder::default(), dec: Decoder::new(1 << 20), sink: Arc::new(Collect::default()), cid: 0 };
+    let mut q = H {
+        target: h.target.clone(),
+        conn: Connection::new(
+            h.target.clone(),
+            ListenAddress::new("127.0.0.1", "4420"),
+            "x".into(),
+        ),
+        enc: Encoder::default(),
+        dec: Decoder::new(1 << 20),
+        sink: Arc::new(Collect::default()),
+        cid: 0,
+    };
     q.icreq(DigestConfig::default());
     // Unknown cntlid.
     let cqe = q.connect(1, cntlid + 100, HOST, NQN);
     assert_eq!(cqe.dw0, 16 | 1 << 16);
     let _q1 = h.io_queue(cntlid, DigestConfig::default());
     // Duplicate qid 1.
-    let mut q = H { target: h.target.clone(), conn: Connection::new(h.target.clone(), ListenAddress::new("127.0.0.1", "4420"), "y".into()), enc: Encoder::default(), dec: Decoder::new(1 << 20), sink: Arc::new(Collect::default()), cid: 0 };
+    let mut q = H {
+        target: h.target.clone(),
+        conn: Connection::new(
+            h.target.clone(),
+            ListenAddress::new("127.0.0.1", "4420"),
+            "y".into(),
+        ),
+        enc: Encoder::default(),
+        dec: Decoder::new(1 << 20),
+        sink: Arc::new(Collect::default()),
+        cid: 0,
+    };
     q.icreq(DigestConfig::default());
     let cqe = q.connect(1, cntlid, HOST, NQN);
-    assert_eq!(cqe.status, Status::command_specific(Cs::ConnectInvalidParameters).with_dnr());
+    assert_eq!(
+        cqe.status,
+        Status::command_specific(Cs::ConnectInvalidParameters).with_dnr()
+    );
     assert_eq!(cqe.dw0, 42);
 }
 
 #[test]
 fn discovery_log_lists_allowed_subsystems() {
     let mut h = H::new(TransportOpts::default());
-    let other = h.target.create_subsystem(SubsystemConfig::new("nqn.2024-01.io.corral:hidden")).unwrap();
-    h.target.add_listener(&other.nqn, ListenAddress::new("127.0.0.1", "4421")).unwrap();
+    let other = h
+        .target
+        .create_subsystem(SubsystemConfig::new("nqn.2024-01.io.corral:hidden"))
+        .unwrap();
+    h.target
+        .add_listener(&other.nqn, ListenAddress::new("127.0.0.1", "4421"))
+        .unwrap();
     h.icreq(DigestConfig::default());
-    assert!(h.connect(0, 0xFFFF, HOST, nvme_wire::DISCOVERY_NQN).status.is_success());
+    assert!(h
+        .connect(0, 0xFFFF, HOST, nvme_wire::DISCOVERY_NQN)
+        .status
+        .is_success());
     h.enable();
     let mut s = Sqe::new(0x02, 0);
-    GetLogPage { lid: 0x70, lsp: 0, rae: false, len: 4096, offset: 0 }.write_sqe(&mut s);
+    GetLogPage {
+        lid: 0x70,
+        lsp: 0,
+        rae: false,
+        len: 4096,
+        offset: 0,
+    }
+    .write_sqe(&mut s);
     s.set_sgl(Sgl::transport(4096));
     let r = h.cmd(s, &[]);
     let (_, numrec, entries) = parse_discovery_log(&r.data()).unwrap();
-    assert_eq!(numrec, 1, "the subsystem that does not allow this host is hidden");
+    assert_eq!(
+        numrec, 1,
+        "the subsystem that does not allow this host is hidden"
+    );
     assert_eq!(entries[0].subnqn, NQN);
     assert_eq!(entries[0].trsvcid, "4420");
     // I/O commands do not exist on the discovery controller.
@@ -516,14 +691,25 @@ fn namespace_change_completes_an_aer() {
     assert!(r.pdus.is_empty(), "AER stays outstanding");
     let aer_cid = h.cid;
     let b = Arc::new(MallocBdev::new("m1", 16, 512, None).unwrap());
-    h.target.subsystem(NQN).unwrap().add_namespace(b, None, None, None, false).unwrap();
+    h.target
+        .subsystem(NQN)
+        .unwrap()
+        .add_namespace(b, None, None, None, false)
+        .unwrap();
     h.conn.poll_events();
     let r = h.run(Vec::new());
     let cqe = r.cqe();
     assert_eq!(cqe.cid, aer_cid);
     assert_eq!(cqe.dw0, 0x0004_0002);
     let mut s = Sqe::new(0x02, 0);
-    GetLogPage { lid: 0x04, lsp: 0, rae: false, len: 4096, offset: 0 }.write_sqe(&mut s);
+    GetLogPage {
+        lid: 0x04,
+        lsp: 0,
+        rae: false,
+        len: 4096,
+        offset: 0,
+    }
+    .write_sqe(&mut s);
     s.set_sgl(Sgl::transport(4096));
     let data = h.cmd(s, &[]).data();
     assert_eq!(&data[..4], &2u32.to_le_bytes());
@@ -531,7 +717,10 @@ fn namespace_change_completes_an_aer() {
 
 #[test]
 fn buffer_budget_defers_instead_of_allocating() {
-    let opts = TransportOpts { conn_buffer_budget: 64 * 1024, ..Default::default() };
+    let opts = TransportOpts {
+        conn_buffer_budget: 64 * 1024,
+        ..Default::default()
+    };
     let (h, cntlid) = H::admin(opts);
     let mut q = h.io_queue(cntlid, DigestConfig::default());
     // Two 64 KiB writes: the second waits for the first's buffer.
@@ -544,9 +733,25 @@ fn buffer_budget_defers_instead_of_allocating() {
     }
     q.conn.on_bytes(&b, Instant::now(), &mut actions);
     let r = q.run(actions);
-    assert_eq!(r.pdus.len(), 1, "one R2T now, the other command waits: {:?}", r.types());
-    let PduHeader::R2T(t) = r.pdus[0].0.header else { panic!() };
-    let r = q.pdu(PduHeader::H2CData(DataHdr { cccid: t.cccid, ttag: t.ttag, datao: 0, datal: 65536 }), FLAG_LAST_PDU, &pattern(65536, 3));
+    assert_eq!(
+        r.pdus.len(),
+        1,
+        "one R2T now, the other command waits: {:?}",
+        r.types()
+    );
+    let PduHeader::R2T(t) = r.pdus[0].0.header else {
+        panic!()
+    };
+    let r = q.pdu(
+        PduHeader::H2CData(DataHdr {
+            cccid: t.cccid,
+            ttag: t.ttag,
+            datao: 0,
+            datal: 65536,
+        }),
+        FLAG_LAST_PDU,
+        &pattern(65536, 3),
+    );
     // The first completes, its buffer frees, and the second's R2T follows.
     assert!(r.types().contains(&"CapsuleResp".to_string()));
     assert!(r.types().contains(&"R2T".to_string()), "{:?}", r.types());
