@@ -3,26 +3,64 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Alignment of every [`IoBuf`]: enough for O_DIRECT on any sector size.
 pub const IO_BUF_ALIGN: usize = 4096;
 
-/// An owned, 4096-byte aligned, zero-initialised byte buffer.
-pub struct IoBuf {
+/// One aligned heap allocation.
+struct Alloc {
     ptr: NonNull<u8>,
-    len: usize,
     cap: usize,
 }
 
-// SAFETY: IoBuf owns its allocation exclusively, like Vec<u8>.
-unsafe impl Send for IoBuf {}
-// SAFETY: shared references only allow reads of the owned bytes.
-unsafe impl Sync for IoBuf {}
+// SAFETY: Alloc is a plain owned allocation; IoBuf controls all access to it.
+unsafe impl Send for Alloc {}
+// SAFETY: shared access is read-only (IoBuf copies before writing to a shared Alloc).
+unsafe impl Sync for Alloc {}
+
+impl Alloc {
+    fn new(cap: usize) -> Self {
+        let layout = layout(cap);
+        // SAFETY: layout has a non-zero size (callers never ask for 0).
+        let p = unsafe { alloc_zeroed(layout) };
+        match NonNull::new(p) {
+            Some(ptr) => Alloc { ptr, cap },
+            None => std::alloc::handle_alloc_error(layout),
+        }
+    }
+}
+
+impl Drop for Alloc {
+    fn drop(&mut self) {
+        // SAFETY: allocated in Alloc::new with exactly this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout(self.cap)) }
+    }
+}
+
+fn layout(cap: usize) -> Layout {
+    match Layout::from_size_align(cap, IO_BUF_ALIGN) {
+        Ok(l) => l,
+        // cap is a multiple of the alignment and came from a usize: only absurd sizes fail.
+        Err(_) => std::alloc::handle_alloc_error(Layout::new::<[u8; IO_BUF_ALIGN]>()),
+    }
+}
+
+/// A 4096-byte aligned, zero-initialised byte buffer.
+///
+/// Usually owned by one request. [`IoBuf::share`] hands out more handles to the
+/// same bytes (a mirror writing one buffer to several members without copying);
+/// writing through a handle while others exist copies first, so shared bytes
+/// never change under a reader.
+pub struct IoBuf {
+    alloc: Option<Arc<Alloc>>,
+    len: usize,
+}
 
 impl IoBuf {
     /// An empty buffer that does not allocate.
     pub const fn empty() -> Self {
-        IoBuf { ptr: NonNull::dangling(), len: 0, cap: 0 }
+        IoBuf { alloc: None, len: 0 }
     }
 
     /// A zeroed buffer of `len` bytes with capacity rounded up to the alignment.
@@ -38,14 +76,7 @@ impl IoBuf {
             return Self::empty();
         }
         let cap = cap.div_ceil(IO_BUF_ALIGN) * IO_BUF_ALIGN;
-        let layout = Self::layout(cap);
-        // SAFETY: layout has a non-zero size.
-        let p = unsafe { alloc_zeroed(layout) };
-        let ptr = match NonNull::new(p) {
-            Some(p) => p,
-            None => std::alloc::handle_alloc_error(layout),
-        };
-        IoBuf { ptr, len: 0, cap }
+        IoBuf { alloc: Some(Arc::new(Alloc::new(cap))), len: 0 }
     }
 
     /// A buffer holding a copy of `data`.
@@ -55,14 +86,6 @@ impl IoBuf {
         b
     }
 
-    fn layout(cap: usize) -> Layout {
-        match Layout::from_size_align(cap, IO_BUF_ALIGN) {
-            Ok(l) => l,
-            // cap is a multiple of the alignment and came from a usize: only absurd sizes fail.
-            Err(_) => std::alloc::handle_alloc_error(Layout::new::<[u8; IO_BUF_ALIGN]>()),
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -70,13 +93,38 @@ impl IoBuf {
         self.len == 0
     }
     pub fn capacity(&self) -> usize {
-        self.cap
+        self.alloc.as_ref().map_or(0, |a| a.cap)
+    }
+
+    /// Another handle to the same bytes (no copy).
+    pub fn share(&self) -> IoBuf {
+        IoBuf { alloc: self.alloc.clone(), len: self.len }
+    }
+
+    /// Whether other handles to these bytes exist.
+    pub fn is_shared(&self) -> bool {
+        self.alloc.as_ref().is_some_and(|a| Arc::strong_count(a) > 1)
+    }
+
+    /// Makes this handle the only owner of its bytes, copying if shared.
+    fn make_unique(&mut self) {
+        if let Some(a) = self.alloc.as_mut() {
+            if Arc::get_mut(a).is_none() {
+                let mut n = IoBuf::with_capacity(a.cap);
+                n.len = self.len;
+                // SAFETY: both allocations hold at least len bytes; they are distinct.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(a.ptr.as_ptr(), n.as_mut_ptr_unchecked(), self.len)
+                };
+                *self = n;
+            }
+        }
     }
 
     /// Sets the length, growing the capacity if needed. Bytes beyond the previous
     /// length keep whatever the buffer last held (zero when fresh): callers fill them.
     pub fn resize(&mut self, len: usize) {
-        if len > self.cap {
+        if len > self.capacity() {
             let mut n = IoBuf::with_capacity(len);
             n.len = self.len;
             n.as_mut_slice().copy_from_slice(self.as_slice());
@@ -96,27 +144,32 @@ impl IoBuf {
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for cap >= len initialised bytes (or dangling with len 0).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        match &self.alloc {
+            // SAFETY: the allocation holds cap >= len initialised bytes; nobody
+            // writes to it while shared (make_unique copies first).
+            Some(a) => unsafe { std::slice::from_raw_parts(a.ptr.as_ptr(), self.len) },
+            None => &[],
+        }
     }
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        self.make_unique();
+        match &self.alloc {
+            // SAFETY: after make_unique this handle is the only owner, and &mut self
+            // gives exclusive access.
+            Some(a) => unsafe { std::slice::from_raw_parts_mut(a.ptr.as_ptr(), self.len) },
+            None => &mut [],
+        }
     }
     pub fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
+        self.alloc.as_ref().map_or(NonNull::dangling().as_ptr(), |a| a.ptr.as_ptr())
     }
+    /// Pointer for writing (copies first if shared).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.make_unique();
+        self.as_mut_ptr_unchecked()
     }
-}
-
-impl Drop for IoBuf {
-    fn drop(&mut self) {
-        if self.cap != 0 {
-            // SAFETY: allocated in with_capacity with exactly this layout.
-            unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
-        }
+    fn as_mut_ptr_unchecked(&mut self) -> *mut u8 {
+        self.alloc.as_ref().map_or(NonNull::dangling().as_ptr(), |a| a.ptr.as_ptr())
     }
 }
 
@@ -127,6 +180,7 @@ impl Default for IoBuf {
 }
 
 impl Clone for IoBuf {
+    /// A deep copy (use [`IoBuf::share`] for another handle to the same bytes).
     fn clone(&self) -> Self {
         Self::from_slice(self.as_slice())
     }
@@ -147,7 +201,7 @@ impl std::ops::DerefMut for IoBuf {
 
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IoBuf(len {}, cap {})", self.len, self.cap)
+        write!(f, "IoBuf(len {}, cap {}{})", self.len, self.capacity(), if self.is_shared() { ", shared" } else { "" })
     }
 }
 
@@ -174,7 +228,7 @@ impl BufPool {
         IoBuf::zeroed(len)
     }
     pub fn put(&mut self, mut b: IoBuf) {
-        if b.capacity() != 0 && b.capacity() <= self.max_keep && self.free.len() < self.max_count {
+        if !b.is_shared() && b.capacity() != 0 && b.capacity() <= self.max_keep && self.free.len() < self.max_count {
             b.clear();
             self.free.push(b);
         }
@@ -198,6 +252,20 @@ mod tests {
         let e = IoBuf::empty();
         assert!(e.is_empty());
         assert_eq!(e.as_slice(), &[] as &[u8]);
+    }
+
+    #[test]
+    fn shared_handles_copy_on_write() {
+        let mut a = IoBuf::from_slice(&[1u8; 512]);
+        let b = a.share();
+        assert!(a.is_shared());
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        a.as_mut_slice()[0] = 9;
+        assert_ne!(a.as_ptr(), b.as_ptr(), "writing a shared buffer copies");
+        assert_eq!(b[0], 1);
+        assert_eq!(a[0], 9);
+        assert!(!a.is_shared() && !b.is_shared());
+        assert_eq!(a.as_ptr() as usize % IO_BUF_ALIGN, 0);
     }
 
     #[test]
