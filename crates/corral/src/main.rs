@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// The dataplane daemon: bdevs, NVMe/TCP, raid, exports, behind JSON-RPC.
+    Dataplane(cmd::dataplane::Args),
     /// A standalone NVMe/TCP target serving malloc or file namespaces.
     Target(cmd::target::Args),
 }
@@ -26,6 +28,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let r = match cli.cmd {
+        Cmd::Dataplane(a) => cmd::dataplane::run(a),
         Cmd::Target(a) => cmd::target::run(a),
     };
     match r {

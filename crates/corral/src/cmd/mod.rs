@@ -1,3 +1,4 @@
 //! Subcommands.
 
+pub mod dataplane;
 pub mod target;

@@ -97,7 +97,7 @@ async fn serve(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),

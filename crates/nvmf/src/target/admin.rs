@@ -98,7 +98,7 @@ pub fn identify_controller(
     subsys: &Subsystem,
     ctrlr: &Controller,
 ) -> IdentifyController {
-    let o = &t.opts;
+    let o = &t.opts();
     let disc = subsys.is_discovery;
     let ns = subsys.namespaces();
     let vwc = ns.iter().any(|n| n.bdev.write_cache());
@@ -357,7 +357,7 @@ fn set_features(ctx: AdminCtx<'_>, sqe: &Sqe) -> AdminReply {
             if nsqr == 0xFFFF || ncqr == 0xFFFF {
                 return invalid_field();
             }
-            let max = ctx.target.opts.max_io_qpairs_per_ctrlr as u32;
+            let max = ctx.target.opts().max_io_qpairs_per_ctrlr as u32;
             let granted = (nsqr.min(ncqr) + 1).min(max);
             c.num_io_queues = granted as u16;
             c.num_queues_set = true;

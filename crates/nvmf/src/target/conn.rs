@@ -37,7 +37,7 @@ use super::admin::{self, AdminCtx, AERL};
 use super::ctrlr::{Controller, QueueCtl};
 use super::state::CtrlState;
 use super::subsystem::{Namespace, Subsystem};
-use super::{ListenAddress, Target, ADMIN_IN_CAPSULE, ADMIN_MAX_SQSIZE};
+use super::{ListenAddress, Target, TransportOpts, ADMIN_IN_CAPSULE, ADMIN_MAX_SQSIZE};
 use crate::status_map::io_error_to_status;
 
 /// A request for the driver: submit this I/O to this bdev, completing with `tag`.
@@ -214,6 +214,7 @@ pub struct QueueIdentity {
 /// One NVMe/TCP connection.
 pub struct Connection {
     target: Arc<Target>,
+    opts: TransportOpts,
     local: ListenAddress,
     peer: String,
     phase: Phase,
@@ -246,10 +247,10 @@ impl std::fmt::Debug for Connection {
 }
 
 /// Largest PDU data the decoder accepts: the biggest H2CData or in-capsule data.
-fn max_rx_data(t: &Target) -> usize {
-    (t.opts
+fn max_rx_data(o: &TransportOpts) -> usize {
+    (o
         .max_h2c_data
-        .max(t.opts.in_capsule_data_size)
+        .max(o.in_capsule_data_size)
         .max(ADMIN_IN_CAPSULE)) as usize
 }
 
@@ -259,9 +260,11 @@ fn st(g: GenericStatus) -> Status {
 
 impl Connection {
     pub fn new(target: Arc<Target>, local: ListenAddress, peer: String) -> Self {
-        let dec = Decoder::new(max_rx_data(&target));
+        let opts = target.opts();
+        let dec = Decoder::new(max_rx_data(&opts));
         Connection {
             target,
+            opts,
             local,
             peer,
             phase: Phase::AwaitIcReq,
@@ -391,7 +394,7 @@ impl Connection {
                     pfv: 0,
                     cpda: 0,
                     digest: r.digest,
-                    maxh2cdata: self.target.opts.max_h2c_data,
+                    maxh2cdata: self.opts.max_h2c_data,
                 };
                 self.out
                     .push_with(|a| Encoder::default().pdu(&PduHeader::ICResp(resp), 0, &[], a));
@@ -548,7 +551,7 @@ impl Connection {
         let max_sq = if cmd.qid == 0 {
             ADMIN_MAX_SQSIZE
         } else {
-            self.target.opts.max_queue_depth
+            self.opts.max_queue_depth
         };
         if cmd.sqsize == 0 || cmd.sqsize >= max_sq {
             warn!(peer = %self.peer, sqsize = cmd.sqsize, qid = cmd.qid, "Connect with invalid sqsize");
@@ -561,7 +564,7 @@ impl Connection {
             let max_q = if subsys.is_discovery {
                 0
             } else {
-                self.target.opts.max_io_qpairs_per_ctrlr
+                self.opts.max_io_qpairs_per_ctrlr
             };
             let Some(c) = subsys.create_controller(&cd.hostnqn, cd.hostid, cmd.kato, max_q, now)
             else {
@@ -621,7 +624,7 @@ impl Connection {
         let g = c.inner.lock();
         let v = match (pc.offset, pc.size8) {
             (reg::CAP, true) => Cap {
-                mqes: self.target.opts.max_queue_depth - 1,
+                mqes: self.opts.max_queue_depth - 1,
                 cqr: true,
                 to: 15,
                 css: 1,
@@ -744,7 +747,7 @@ impl Connection {
         let bs = ns.bdev.block_size() as u64;
         let nblocks = ns.bdev.num_blocks();
         let range_ok = |slba: u64, nlb: u64| slba.checked_add(nlb).is_some_and(|e| e <= nblocks);
-        let opts = &self.target.opts;
+        let opts = &self.opts;
         let sgl = sqe.sgl();
         let (kind, xfer) = match op {
             IoOpcode::Read | IoOpcode::Write => {
@@ -923,7 +926,7 @@ impl Connection {
         if len == 0 {
             return true;
         }
-        if self.mem_in_use > 0 && self.mem_in_use + len > self.target.opts.conn_buffer_budget {
+        if self.mem_in_use > 0 && self.mem_in_use + len > self.opts.conn_buffer_budget {
             return false;
         }
         self.mem_in_use += len;
@@ -974,7 +977,7 @@ impl Connection {
                 "H2CData for no outstanding R2T (ttag/cccid)",
             ));
         }
-        if d.datal > self.target.opts.max_h2c_data {
+        if d.datal > self.opts.max_h2c_data {
             return Err(PduError::new(
                 FatalError::DataTransferLimitExceeded,
                 0,
@@ -1179,7 +1182,7 @@ impl Connection {
 
     /// C2HData PDUs for small data held in the arena (admin replies).
     fn queue_c2h_arena(&mut self, cid: u16, data: &[u8]) {
-        let max = self.target.opts.max_c2h_data as usize;
+        let max = self.opts.max_c2h_data as usize;
         let enc = self.enc;
         let mut off = 0;
         while off < data.len() {
@@ -1201,7 +1204,7 @@ impl Connection {
 
     /// C2HData PDUs referring to a slot's buffer (read data, no copy).
     fn queue_c2h_slot(&mut self, idx: u16, cid: u16, len: u32) {
-        let max = self.target.opts.max_c2h_data;
+        let max = self.opts.max_c2h_data;
         let enc = self.enc;
         let mut off = 0u32;
         while off < len {

@@ -153,7 +153,8 @@ pub enum TargetError {
 /// The target's registry of subsystems. Cheap to share; all methods take &self.
 #[derive(Debug)]
 pub struct Target {
-    pub opts: TransportOpts,
+    /// Transport options; connections take a snapshot when they start.
+    opts: RwLock<TransportOpts>,
     subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
     discovery: Arc<Subsystem>,
     /// Discovery log generation counter, bumped on every change hosts can see.
@@ -165,11 +166,21 @@ impl Target {
         let disc = Subsystem::new(SubsystemConfig::new(nvme_wire::DISCOVERY_NQN), true)
             .unwrap_or_else(|e| unreachable!("the discovery NQN is valid: {e}"));
         Arc::new(Target {
-            opts,
+            opts: RwLock::new(opts),
             subsystems: RwLock::new(BTreeMap::new()),
             discovery: Arc::new(disc),
             genctr: AtomicU64::new(0),
         })
+    }
+
+    /// The current transport options.
+    pub fn opts(&self) -> TransportOpts {
+        self.opts.read().clone()
+    }
+
+    /// Replaces the transport options; connections made from now on use them.
+    pub fn set_opts(&self, opts: TransportOpts) {
+        *self.opts.write() = opts;
     }
 
     pub fn discovery(&self) -> &Arc<Subsystem> {
