@@ -8,11 +8,12 @@
 //! goes to the top layer's data file at the block's own offset: one write, no
 //! copy from any lower layer, because the allocation unit is the block itself.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Weak};
 
-use bdev::{check_range, Bdev, BdevIo, Completion, IoError, IoKind};
-use parking_lot::RwLock;
+use bdev::uring::{OpKind, Reactor, UringSink};
+use bdev::{check_range, Bdev, BdevIo, Completion, IoBuf, IoError, IoKind};
+use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use crate::gate::{Entry, IoGate};
@@ -163,6 +164,34 @@ pub struct LvolBdev {
     num_blocks: AtomicU64,
     pub(crate) view: RwLock<View>,
     gate: IoGate<(BdevIo, Completion)>,
+    /// The io_uring data path (reads and writes); `None`: synchronous calls.
+    reactor: Option<Arc<Reactor>>,
+    /// This bdev as the completion sink of its reactor ops.
+    me: Weak<LvolBdev>,
+    /// Requests in flight on the reactor, preallocated: no allocation per I/O.
+    slots: Box<[Slot]>,
+    free: Mutex<Vec<u32>>,
+}
+
+/// Slots of requests in flight on the reactor per bdev; more wait synchronously.
+const SLOTS: usize = 256;
+
+/// A request in flight on the reactor, split into one op per extent.
+#[derive(Default)]
+struct Slot {
+    req: Mutex<Option<InFlight>>,
+    /// Ops not yet completed, plus one held by the submitter until it has
+    /// submitted them all.
+    remaining: AtomicU32,
+    /// First errno reported by an op (0: none).
+    err: AtomicI32,
+}
+
+struct InFlight {
+    io: BdevIo,
+    done: Completion,
+    /// For writes: the layer whose map records the blocks once written.
+    top: Option<Arc<Layer>>,
 }
 
 impl std::fmt::Debug for LvolBdev {
@@ -190,8 +219,15 @@ impl Drop for Paused<'_> {
 }
 
 impl LvolBdev {
-    pub(crate) fn new(uuid: Uuid, alias: String, block_size: u32, view: View) -> LvolBdev {
-        LvolBdev {
+    pub(crate) fn new(
+        uuid: Uuid,
+        alias: String,
+        block_size: u32,
+        view: View,
+        reactor: Option<Arc<Reactor>>,
+    ) -> Arc<LvolBdev> {
+        let slots = if reactor.is_some() { SLOTS } else { 0 };
+        Arc::new_cyclic(|me| LvolBdev {
             name: uuid.to_string(),
             alias,
             uuid,
@@ -199,7 +235,16 @@ impl LvolBdev {
             num_blocks: AtomicU64::new(view.num_blocks),
             view: RwLock::new(view),
             gate: IoGate::default(),
-        }
+            reactor,
+            me: me.clone(),
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+            free: Mutex::new((0..slots as u32).rev().collect()),
+        })
+    }
+
+    /// Whether reads and writes go through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.reactor.is_some()
     }
 
     /// `lvs_name/lvol_name`, the alias SPDK registers for an lvol bdev.
@@ -292,10 +337,155 @@ impl Bdev for LvolBdev {
         match self.gate.enter((io, done)) {
             Entry::Parked => {}
             Entry::Entered((mut io, done)) => {
-                let r = self.execute(&mut io);
-                self.gate.exit();
-                done.complete(io, r);
+                let async_kind = matches!(io.kind, IoKind::Read)
+                    || (io.kind == IoKind::Write && !io.fua);
+                if async_kind {
+                    if let Some(r) = &self.reactor {
+                        match self.start_async(r, io, done) {
+                            Ok(()) => return,
+                            Err((i, d)) => {
+                                io = i;
+                                return self.finish_sync(io, d);
+                            }
+                        }
+                    }
+                }
+                self.finish_sync(io, done)
             }
         }
+    }
+}
+
+impl LvolBdev {
+    fn finish_sync(&self, mut io: BdevIo, done: Completion) {
+        let r = self.execute(&mut io);
+        self.gate.exit();
+        done.complete(io, r);
+    }
+
+    /// Starts a read or write on the reactor: one op per extent into (or from)
+    /// the request's own buffer. Gives the request back when no slot is free.
+    #[allow(clippy::result_large_err)]
+    fn start_async(
+        &self,
+        reactor: &Reactor,
+        mut io: BdevIo,
+        done: Completion,
+    ) -> Result<(), (BdevIo, Completion)> {
+        let Some(idx) = self.free.lock().pop() else { return Err((io, done)) };
+        let slot = &self.slots[idx as usize];
+        let Some(me) = self.me.upgrade() else {
+            self.free.lock().push(idx);
+            return Err((io, done));
+        };
+        let sink: Arc<dyn UringSink> = me;
+        let v = self.view.read();
+        let check = if v.removed {
+            Err(IoError::Removed)
+        } else {
+            check_range(&io, self.block_size, v.num_blocks)
+        };
+        if let Err(e) = check {
+            drop(v);
+            self.free.lock().push(idx);
+            self.gate.exit();
+            done.complete(io, Err(e));
+            return Ok(());
+        }
+        let bs = self.block_size as u64;
+        let (off, n) = (io.offset_blocks, io.num_blocks);
+        let is_write = io.kind == IoKind::Write;
+        // A write only reads its buffer: no copy-on-write of a shared buffer.
+        let base = if is_write { io.buf.as_ptr() as *mut u8 } else { io.buf.as_mut_ptr() };
+        if is_write {
+            if !v.writable {
+                drop(v);
+                self.free.lock().push(idx);
+                self.gate.exit();
+                done.complete(io, Err(IoError::ReadOnly));
+                return Ok(());
+            }
+            if let Err(e) = v.top.reserve_map(off, n) {
+                drop(v);
+                self.free.lock().push(idx);
+                self.gate.exit();
+                done.complete(io, Err(io_err(e)));
+                return Ok(());
+            }
+        }
+        let fd_missing = |l: &Layer| l.fd.is_none();
+        if fd_missing(&v.top) || v.table.iter().any(|l| fd_missing(l)) {
+            drop(v);
+            self.free.lock().push(idx);
+            return Err((io, done));
+        }
+        slot.err.store(0, SeqCst);
+        slot.remaining.store(1, SeqCst);
+        let top = if is_write { Some(v.top.clone()) } else { None };
+        *slot.req.lock() = Some(InFlight { io, done, top });
+        let tag = idx as u64;
+        if is_write {
+            slot.remaining.fetch_add(1, SeqCst);
+            if let Some(fd) = &v.top.fd {
+                let kind = OpKind::Write { offset: off * bs, rw_flags: 0 };
+                // SAFETY: `base` points at the request's buffer of `n * bs` bytes
+                // (checked above), owned by the slot until the last op completes;
+                // nothing touches it meanwhile.
+                unsafe { reactor.submit_raw(fd, kind, base, (n * bs) as usize, sink.clone(), tag) };
+            }
+        } else {
+            let _ = v.for_each_extent(off, n, |b, cnt, src| -> Result<(), ()> {
+                let lo = ((b - off) * bs) as usize;
+                let len = (cnt * bs) as usize;
+                match src.and_then(|l| l.fd.as_ref()) {
+                    Some(fd) => {
+                        slot.remaining.fetch_add(1, SeqCst);
+                        let kind = OpKind::Read { offset: b * bs };
+                        // SAFETY: `base + lo .. + len` lies inside the request's
+                        // buffer (extents partition the request), which the slot owns
+                        // until the last op completes; extents do not overlap.
+                        unsafe { reactor.submit_raw(fd, kind, base.add(lo), len, sink.clone(), tag) };
+                    }
+                    None => {
+                        // SAFETY: as above; no op of this request covers this range.
+                        unsafe { std::ptr::write_bytes(base.add(lo), 0, len) };
+                    }
+                }
+                Ok(())
+            });
+        }
+        drop(v);
+        self.op_done(idx, Ok(0));
+        Ok(())
+    }
+
+    /// One op of slot `idx` finished; the last one completes the request.
+    fn op_done(&self, idx: u32, result: Result<usize, i32>) {
+        let slot = &self.slots[idx as usize];
+        if let Err(e) = result {
+            let _ = slot.err.compare_exchange(0, e, SeqCst, SeqCst);
+        }
+        if slot.remaining.fetch_sub(1, SeqCst) != 1 {
+            return;
+        }
+        let Some(InFlight { io, done, top }) = slot.req.lock().take() else { return };
+        let err = slot.err.load(SeqCst);
+        let r = if err != 0 {
+            Err(IoError::from_errno(err))
+        } else {
+            if let Some(top) = top {
+                top.note_written(io.offset_blocks, io.num_blocks);
+            }
+            Ok(())
+        };
+        self.free.lock().push(idx);
+        self.gate.exit();
+        done.complete(io, r);
+    }
+}
+
+impl UringSink for LvolBdev {
+    fn complete(&self, tag: u64, result: Result<usize, i32>, _buf: IoBuf) {
+        self.op_done(tag as u32, result);
     }
 }

@@ -43,6 +43,8 @@ pub struct Layer {
     pub data: Arc<dyn StoreFile>,
     pub mapf: Arc<dyn StoreFile>,
     pub map: LayerMap,
+    /// The data file's descriptor for io_uring (`None` on test storage).
+    pub fd: Option<Arc<std::fs::File>>,
     /// Data was written since the last fdatasync of the data file.
     unsynced: AtomicBool,
     flush: Mutex<FlushBufs>,
@@ -59,7 +61,7 @@ impl Layer {
         num_blocks: u64,
         thick: bool,
     ) -> std::io::Result<Layer> {
-        let data = st.open(&data_name(&file), Open::Truncate, true)?;
+        let data = st.open(&data_name(&file), Open::Truncate, block_size as usize >= st.direct_min())?;
         let mapf = st.open(&map_name(&file), Open::Truncate, false)?;
         let bytes = num_blocks * block_size as u64;
         data.set_len(bytes)?;
@@ -74,7 +76,7 @@ impl Layer {
 
     /// Opens an existing layer and loads its map.
     pub fn open(st: &dyn Storage, file: Uuid, block_size: u32, num_blocks: u64) -> std::io::Result<Layer> {
-        let data = st.open(&data_name(&file), Open::Existing, true)?;
+        let data = st.open(&data_name(&file), Open::Existing, block_size as usize >= st.direct_min())?;
         let mapf = st.open(&map_name(&file), Open::Existing, false)?;
         let map = LayerMap::load(num_blocks, |i, buf| mapf.read_at(i as u64 * MAP_PAGE as u64, buf))?;
         Ok(Self::from_parts(file, block_size, data, mapf, map))
@@ -90,6 +92,7 @@ impl Layer {
         Layer {
             file,
             block_size,
+            fd: data.shared_fd(),
             data,
             mapf,
             map,

@@ -50,6 +50,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn list(&self) -> io::Result<Vec<String>>;
     fn exists(&self, name: &str) -> io::Result<bool>;
     fn space(&self) -> io::Result<Space>;
+    /// Smallest block size for which data files can use O_DIRECT (the device's
+    /// logical block size); `usize::MAX` when the filesystem refuses O_DIRECT.
+    fn direct_min(&self) -> usize {
+        512
+    }
 }
 
 /// One open file of the store.
@@ -82,9 +87,9 @@ pub trait StoreFile: Send + Sync + std::fmt::Debug + 'static {
 #[derive(Debug, Clone)]
 pub struct DirStorage {
     root: PathBuf,
-    /// Whether O_DIRECT is used for data files (off on filesystems without it,
-    /// such as tmpfs; see [`DirStorage::new`]).
-    direct: bool,
+    /// Smallest aligned O_DIRECT transfer the filesystem accepted (512 or
+    /// 4096), `usize::MAX` if none (tmpfs): see [`DirStorage::new`].
+    direct_min: usize,
 }
 
 impl DirStorage {
@@ -94,16 +99,28 @@ impl DirStorage {
     pub fn new(root: &Path) -> io::Result<DirStorage> {
         std::fs::create_dir_all(root)?;
         let probe = root.join(".corral-odirect-probe");
-        let direct = OpenOptions::new()
+        let direct_min = match OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .custom_flags(libc::O_DIRECT)
             .open(&probe)
-            .is_ok();
+        {
+            Err(_) => usize::MAX,
+            Ok(f) => {
+                let buf = bdev::IoBuf::zeroed(4096);
+                if f.write_all_at(&buf[..512], 512).is_ok() {
+                    512
+                } else if f.write_all_at(&buf, 4096).is_ok() {
+                    4096
+                } else {
+                    usize::MAX
+                }
+            }
+        };
         let _ = std::fs::remove_file(&probe);
-        Ok(DirStorage { root: root.to_path_buf(), direct })
+        Ok(DirStorage { root: root.to_path_buf(), direct_min })
     }
 
     fn path(&self, name: &str) -> io::Result<PathBuf> {
@@ -132,7 +149,7 @@ impl Storage for DirStorage {
                 o.create(true).truncate(true);
             }
         }
-        let flags = libc::O_CLOEXEC | if direct && self.direct { libc::O_DIRECT } else { 0 };
+        let flags = libc::O_CLOEXEC | if direct && self.direct_min != usize::MAX { libc::O_DIRECT } else { 0 };
         o.custom_flags(flags);
         let f = o.open(&path)?;
         Ok(Arc::new(RealFile { file: Arc::new(f) }))
@@ -166,6 +183,10 @@ impl Storage for DirStorage {
 
     fn exists(&self, name: &str) -> io::Result<bool> {
         self.path(name)?.try_exists()
+    }
+
+    fn direct_min(&self) -> usize {
+        self.direct_min
     }
 
     fn space(&self) -> io::Result<Space> {

@@ -19,6 +19,7 @@ use crate::error::{LvolError, Result};
 use crate::layer::{data_name, map_name, Layer};
 use crate::meta::{self, check_name, LvolMeta, StoreMeta, META_FILE, META_TMP};
 use crate::storage::{DirStorage, Open, Storage};
+use bdev::uring::Reactor;
 
 /// Options of [`LvStore::create`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +136,8 @@ struct Ctl {
 struct StoreInner {
     storage: Arc<dyn Storage>,
     ctl: Mutex<Ctl>,
+    /// Data path of bdevs made from now on (`None`: synchronous calls).
+    reactor: Mutex<Option<Arc<Reactor>>>,
 }
 
 /// One lvstore. Cheap to clone (a handle).
@@ -306,6 +309,7 @@ impl LvStore {
         meta::validate(&m).map_err(|e| LvolError::Invalid { name: name.into(), reason: e.to_string() })?;
         let inner = StoreInner {
             storage,
+            reactor: Mutex::new(None),
             ctl: Mutex::new(Ctl {
                 meta: StoreMeta { generation: 0, ..m.clone() },
                 layers: HashMap::new(),
@@ -374,7 +378,15 @@ impl LvStore {
             layers.insert(l.file, Arc::new(layer));
         }
         let ctl = Ctl { meta: m, layers, bdevs: HashMap::new(), busy: HashSet::new(), destroyed: false };
-        Ok(LvStore { inner: Arc::new(StoreInner { storage, ctl: Mutex::new(ctl) }) })
+        Ok(LvStore { inner: Arc::new(StoreInner { storage, ctl: Mutex::new(ctl), reactor: Mutex::new(None) }) })
+    }
+
+    /// Serves reads and writes of bdevs made from now on through `reactor`
+    /// (io_uring, O_DIRECT); without one they are synchronous calls made by the
+    /// submitter. Flush, FUA writes, write-zeroes and unmap are always
+    /// synchronous (they take the map's flush lock or call fallocate).
+    pub fn set_reactor(&self, reactor: Option<Arc<Reactor>>) {
+        *self.inner.reactor.lock() = reactor;
     }
 
     fn lock(&self) -> Result<parking_lot::MutexGuard<'_, Ctl>> {
@@ -794,7 +806,8 @@ impl LvStore {
             return Ok(b);
         }
         let view = ctl.make_view(l)?;
-        let b = Arc::new(LvolBdev::new(l.uuid, ctl.alias(l), ctl.meta.block_size, view));
+        let reactor = self.inner.reactor.lock().clone();
+        let b = LvolBdev::new(l.uuid, ctl.alias(l), ctl.meta.block_size, view, reactor);
         ctl.bdevs.retain(|_, w| w.strong_count() > 0);
         ctl.bdevs.insert(l.uuid, Arc::downgrade(&b));
         Ok(b)

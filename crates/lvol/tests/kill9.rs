@@ -36,7 +36,10 @@ fn kill9_child_entry() {
             s
         }
     };
+    // the io_uring data path, as the dataplane runs it
+    s.set_reactor(Some(std::sync::Arc::new(bdev::uring::Reactor::new("kill9").unwrap())));
     let vol = s.bdev("vol").unwrap();
+    assert!(vol.uses_io_uring());
     let mut i = start;
     loop {
         i += 1;

@@ -274,11 +274,18 @@ impl<C> Link<C> {
             )));
         }
         loop {
-            self.progress()?;
+            // A controller may answer and close at once (a rejected Connect):
+            // the answer counts before the close.
+            let r = self.progress();
             if let Some(d) = self.st.done.pop() {
                 return Ok(d);
             }
-            self.wait_progress().await?;
+            r?;
+            let r = self.wait_progress().await;
+            if let Some(d) = self.st.done.pop() {
+                return Ok(d);
+            }
+            r?;
             self.st.core.check_timeouts(Instant::now())?;
         }
     }
@@ -831,6 +838,9 @@ impl<C> IoQpair<C> {
     pub fn process_completions(&mut self, out: &mut Vec<Done<C>>) -> Result<usize, HostError> {
         let qid = self.qid();
         if let Err(e) = self.link.progress() {
+            // What finished before the failure is delivered; the rest can be
+            // taken back with into_requests.
+            out.append(&mut self.link.st.done);
             self.link.send_term_req(&e);
             return Err(e.into_host(&self.trid, qid));
         }
