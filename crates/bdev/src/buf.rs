@@ -60,7 +60,10 @@ pub struct IoBuf {
 impl IoBuf {
     /// An empty buffer that does not allocate.
     pub const fn empty() -> Self {
-        IoBuf { alloc: None, len: 0 }
+        IoBuf {
+            alloc: None,
+            len: 0,
+        }
     }
 
     /// A zeroed buffer of `len` bytes with capacity rounded up to the alignment.
@@ -76,7 +79,10 @@ impl IoBuf {
             return Self::empty();
         }
         let cap = cap.div_ceil(IO_BUF_ALIGN) * IO_BUF_ALIGN;
-        IoBuf { alloc: Some(Arc::new(Alloc::new(cap))), len: 0 }
+        IoBuf {
+            alloc: Some(Arc::new(Alloc::new(cap))),
+            len: 0,
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -98,12 +104,17 @@ impl IoBuf {
 
     /// Another handle to the same bytes (no copy).
     pub fn share(&self) -> IoBuf {
-        IoBuf { alloc: self.alloc.clone(), len: self.len }
+        IoBuf {
+            alloc: self.alloc.clone(),
+            len: self.len,
+        }
     }
 
     /// Whether other handles to these bytes exist.
     pub fn is_shared(&self) -> bool {
-        self.alloc.as_ref().is_some_and(|a| Arc::strong_count(a) > 1)
+        self.alloc
+            .as_ref()
+            .is_some_and(|a| Arc::strong_count(a) > 1)
     }
 
     /// Makes this handle the only owner of its bytes, copying if shared.
@@ -114,7 +125,11 @@ impl IoBuf {
                 n.len = self.len;
                 // SAFETY: both allocations hold at least len bytes; they are distinct.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(a.ptr.as_ptr(), n.as_mut_ptr_unchecked(), self.len)
+                    std::ptr::copy_nonoverlapping(
+                        a.ptr.as_ptr(),
+                        n.as_mut_ptr_unchecked(),
+                        self.len,
+                    )
                 };
                 *self = n;
             }
@@ -161,7 +176,9 @@ impl IoBuf {
         }
     }
     pub fn as_ptr(&self) -> *const u8 {
-        self.alloc.as_ref().map_or(NonNull::dangling().as_ptr(), |a| a.ptr.as_ptr())
+        self.alloc
+            .as_ref()
+            .map_or(NonNull::dangling().as_ptr(), |a| a.ptr.as_ptr())
     }
     /// Pointer for writing (copies first if shared).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
@@ -169,7 +186,9 @@ impl IoBuf {
         self.as_mut_ptr_unchecked()
     }
     fn as_mut_ptr_unchecked(&mut self) -> *mut u8 {
-        self.alloc.as_ref().map_or(NonNull::dangling().as_ptr(), |a| a.ptr.as_ptr())
+        self.alloc
+            .as_ref()
+            .map_or(NonNull::dangling().as_ptr(), |a| a.ptr.as_ptr())
     }
 }
 
@@ -201,7 +220,13 @@ impl std::ops::DerefMut for IoBuf {
 
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IoBuf(len {}, cap {}{})", self.len, self.capacity(), if self.is_shared() { ", shared" } else { "" })
+        write!(
+            f,
+            "IoBuf(len {}, cap {}{})",
+            self.len,
+            self.capacity(),
+            if self.is_shared() { ", shared" } else { "" }
+        )
     }
 }
 
@@ -216,7 +241,11 @@ pub struct BufPool {
 
 impl BufPool {
     pub fn new(max_keep: usize, max_count: usize) -> Self {
-        BufPool { free: Vec::new(), max_keep, max_count }
+        BufPool {
+            free: Vec::new(),
+            max_keep,
+            max_count,
+        }
     }
     /// A buffer of exactly `len` bytes (contents unspecified).
     pub fn get(&mut self, len: usize) -> IoBuf {
@@ -228,7 +257,11 @@ impl BufPool {
         IoBuf::zeroed(len)
     }
     pub fn put(&mut self, mut b: IoBuf) {
-        if !b.is_shared() && b.capacity() != 0 && b.capacity() <= self.max_keep && self.free.len() < self.max_count {
+        if !b.is_shared()
+            && b.capacity() != 0
+            && b.capacity() <= self.max_keep
+            && self.free.len() < self.max_count
+        {
             b.clear();
             self.free.push(b);
         }

@@ -37,7 +37,8 @@ pub async fn submit_wait<B: Bdev + ?Sized>(bdev: &B, io: BdevIo) -> (BdevIo, Res
 #[allow(async_fn_in_trait)]
 pub trait BdevExt {
     async fn read_blocks(&self, offset_blocks: u64, num_blocks: u64) -> Result<IoBuf, IoError>;
-    async fn write_blocks(&self, offset_blocks: u64, data: &[u8], fua: bool) -> Result<(), IoError>;
+    async fn write_blocks(&self, offset_blocks: u64, data: &[u8], fua: bool)
+        -> Result<(), IoError>;
     async fn flush(&self) -> Result<(), IoError>;
     async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<(), IoError>;
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<(), IoError>;
@@ -50,22 +51,35 @@ impl<B: Bdev + ?Sized> BdevExt for B {
         let (io, r) = submit_wait(self, BdevIo::read(offset_blocks, num_blocks, buf)).await;
         r.map(|_| io.buf)
     }
-    async fn write_blocks(&self, offset_blocks: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+    async fn write_blocks(
+        &self,
+        offset_blocks: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), IoError> {
         let bs = self.block_size() as u64;
         if !(data.len() as u64).is_multiple_of(bs) {
             return Err(IoError::InvalidBuffer);
         }
-        let io = BdevIo::write(offset_blocks, data.len() as u64 / bs, IoBuf::from_slice(data), fua);
+        let io = BdevIo::write(
+            offset_blocks,
+            data.len() as u64 / bs,
+            IoBuf::from_slice(data),
+            fua,
+        );
         submit_wait(self, io).await.1
     }
     async fn flush(&self) -> Result<(), IoError> {
         submit_wait(self, BdevIo::flush()).await.1
     }
     async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<(), IoError> {
-        submit_wait(self, BdevIo::write_zeroes(offset_blocks, num_blocks)).await.1
+        submit_wait(self, BdevIo::write_zeroes(offset_blocks, num_blocks))
+            .await
+            .1
     }
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<(), IoError> {
-        submit_wait(self, BdevIo::unmap(offset_blocks, num_blocks)).await.1
+        submit_wait(self, BdevIo::unmap(offset_blocks, num_blocks))
+            .await
+            .1
     }
 }
-

@@ -16,8 +16,13 @@ pub enum IoKind {
 }
 
 impl IoKind {
-    pub const ALL: [IoKind; 5] =
-        [IoKind::Read, IoKind::Write, IoKind::Flush, IoKind::WriteZeroes, IoKind::Unmap];
+    pub const ALL: [IoKind; 5] = [
+        IoKind::Read,
+        IoKind::Write,
+        IoKind::Flush,
+        IoKind::WriteZeroes,
+        IoKind::Unmap,
+    ];
 
     /// SPDK's name in `supported_io_types`.
     pub fn spdk_name(self) -> &'static str {
@@ -50,19 +55,49 @@ pub struct BdevIo {
 
 impl BdevIo {
     pub fn read(offset_blocks: u64, num_blocks: u64, buf: IoBuf) -> Self {
-        BdevIo { kind: IoKind::Read, offset_blocks, num_blocks, buf, fua: false }
+        BdevIo {
+            kind: IoKind::Read,
+            offset_blocks,
+            num_blocks,
+            buf,
+            fua: false,
+        }
     }
     pub fn write(offset_blocks: u64, num_blocks: u64, buf: IoBuf, fua: bool) -> Self {
-        BdevIo { kind: IoKind::Write, offset_blocks, num_blocks, buf, fua }
+        BdevIo {
+            kind: IoKind::Write,
+            offset_blocks,
+            num_blocks,
+            buf,
+            fua,
+        }
     }
     pub fn flush() -> Self {
-        BdevIo { kind: IoKind::Flush, offset_blocks: 0, num_blocks: 0, buf: IoBuf::empty(), fua: false }
+        BdevIo {
+            kind: IoKind::Flush,
+            offset_blocks: 0,
+            num_blocks: 0,
+            buf: IoBuf::empty(),
+            fua: false,
+        }
     }
     pub fn write_zeroes(offset_blocks: u64, num_blocks: u64) -> Self {
-        BdevIo { kind: IoKind::WriteZeroes, offset_blocks, num_blocks, buf: IoBuf::empty(), fua: false }
+        BdevIo {
+            kind: IoKind::WriteZeroes,
+            offset_blocks,
+            num_blocks,
+            buf: IoBuf::empty(),
+            fua: false,
+        }
     }
     pub fn unmap(offset_blocks: u64, num_blocks: u64) -> Self {
-        BdevIo { kind: IoKind::Unmap, offset_blocks, num_blocks, buf: IoBuf::empty(), fua: false }
+        BdevIo {
+            kind: IoKind::Unmap,
+            offset_blocks,
+            num_blocks,
+            buf: IoBuf::empty(),
+            fua: false,
+        }
     }
 }
 

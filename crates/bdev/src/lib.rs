@@ -73,7 +73,10 @@ pub type BdevRef = Arc<dyn Bdev>;
 /// Checks that `io` lies within a device of `num_blocks` blocks of `block_size`
 /// bytes and that a data buffer matches the range. Modules call this first.
 pub fn check_range(io: &BdevIo, block_size: u32, num_blocks: u64) -> Result<(), IoError> {
-    let end = io.offset_blocks.checked_add(io.num_blocks).ok_or(IoError::OutOfRange)?;
+    let end = io
+        .offset_blocks
+        .checked_add(io.num_blocks)
+        .ok_or(IoError::OutOfRange)?;
     if io.kind != IoKind::Flush && end > num_blocks {
         return Err(IoError::OutOfRange);
     }

@@ -36,7 +36,9 @@ impl std::fmt::Debug for MallocBdev {
 /// Why a malloc bdev could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum MallocError {
-    #[error("malloc bdev {name}: block size {block_size} must be a power of two from 512 to 65536")]
+    #[error(
+        "malloc bdev {name}: block size {block_size} must be a power of two from 512 to 65536"
+    )]
     BlockSize { name: String, block_size: u32 },
     #[error("malloc bdev {name}: num_blocks must be > 0")]
     Empty { name: String },
@@ -50,7 +52,10 @@ impl MallocBdev {
         uuid: Option<uuid::Uuid>,
     ) -> Result<Self, MallocError> {
         if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
-            return Err(MallocError::BlockSize { name: name.into(), block_size });
+            return Err(MallocError::BlockSize {
+                name: name.into(),
+                block_size,
+            });
         }
         if num_blocks == 0 {
             return Err(MallocError::Empty { name: name.into() });
@@ -73,7 +78,11 @@ impl MallocBdev {
 
     /// Calls `f(chunk index, offset in chunk, range in the request)` for each
     /// chunk the byte range touches.
-    fn for_each_chunk(off: u64, len: usize, mut f: impl FnMut(usize, usize, std::ops::Range<usize>)) {
+    fn for_each_chunk(
+        off: u64,
+        len: usize,
+        mut f: impl FnMut(usize, usize, std::ops::Range<usize>),
+    ) {
         let mut done = 0usize;
         while done < len {
             let pos = off + done as u64;
@@ -173,8 +182,14 @@ mod tests {
         assert!(r.iter().all(|&x| x == 0));
         b.unmap(2048, 2048).await.unwrap();
         assert_eq!(b.allocated_bytes(), CHUNK as u64);
-        assert_eq!(b.read_blocks(8192, 1).await.unwrap_err(), IoError::OutOfRange);
-        assert_eq!(b.read_blocks(u64::MAX, 2).await.unwrap_err(), IoError::OutOfRange);
+        assert_eq!(
+            b.read_blocks(8192, 1).await.unwrap_err(),
+            IoError::OutOfRange
+        );
+        assert_eq!(
+            b.read_blocks(u64::MAX, 2).await.unwrap_err(),
+            IoError::OutOfRange
+        );
     }
 
     #[test]

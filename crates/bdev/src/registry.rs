@@ -42,7 +42,11 @@ pub enum RegistryError {
     #[error("bdev {name} does not exist")]
     NotFound { name: String },
     #[error("bdev {name} is claimed by {holder} ({module})")]
-    Claimed { name: String, holder: String, module: &'static str },
+    Claimed {
+        name: String,
+        holder: String,
+        module: &'static str,
+    },
     #[error("bdev {name} is not claimed by {holder}")]
     NotClaimedBy { name: String, holder: String },
 }
@@ -156,7 +160,9 @@ pub struct BdevRegistry {
 impl std::fmt::Debug for BdevRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let g = self.inner.read();
-        f.debug_struct("BdevRegistry").field("bdevs", &g.by_name.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("BdevRegistry")
+            .field("bdevs", &g.by_name.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -174,7 +180,11 @@ impl BdevRegistry {
     }
 
     /// Registers a bdev under its name (and aliases). Names and aliases share one namespace.
-    pub fn register(&self, bdev: BdevRef, aliases: &[String]) -> Result<Arc<Tracked>, RegistryError> {
+    pub fn register(
+        &self,
+        bdev: BdevRef,
+        aliases: &[String],
+    ) -> Result<Arc<Tracked>, RegistryError> {
         let mut g = self.inner.write();
         let name = bdev.name().to_string();
         for n in std::iter::once(&name).chain(aliases.iter()) {
@@ -182,7 +192,10 @@ impl BdevRegistry {
                 return Err(RegistryError::Exists { name: n.clone() });
             }
         }
-        let t = Arc::new(Tracked { inner: bdev, stats: IoStats::default() });
+        let t = Arc::new(Tracked {
+            inner: bdev,
+            stats: IoStats::default(),
+        });
         for a in aliases {
             g.alias_to_name.insert(a.clone(), name.clone());
         }
@@ -224,9 +237,16 @@ impl BdevRegistry {
         let n = Self::resolve(&g, name)
             .ok_or_else(|| RegistryError::NotFound { name: name.into() })?
             .to_string();
-        let e = g.by_name.get_mut(&n).ok_or_else(|| RegistryError::NotFound { name: n.clone() })?;
+        let e = g
+            .by_name
+            .get_mut(&n)
+            .ok_or_else(|| RegistryError::NotFound { name: n.clone() })?;
         if let Some(c) = &e.claim {
-            return Err(RegistryError::Claimed { name: n, holder: c.holder.clone(), module: c.module });
+            return Err(RegistryError::Claimed {
+                name: n,
+                holder: c.holder.clone(),
+                module: c.module,
+            });
         }
         e.claim = Some(claim);
         Ok(e.bdev.clone())
@@ -238,13 +258,19 @@ impl BdevRegistry {
         let n = Self::resolve(&g, name)
             .ok_or_else(|| RegistryError::NotFound { name: name.into() })?
             .to_string();
-        let e = g.by_name.get_mut(&n).ok_or_else(|| RegistryError::NotFound { name: n.clone() })?;
+        let e = g
+            .by_name
+            .get_mut(&n)
+            .ok_or_else(|| RegistryError::NotFound { name: n.clone() })?;
         match &e.claim {
             Some(c) if c.holder == holder => {
                 e.claim = None;
                 Ok(())
             }
-            _ => Err(RegistryError::NotClaimedBy { name: n, holder: holder.into() }),
+            _ => Err(RegistryError::NotClaimedBy {
+                name: n,
+                holder: holder.into(),
+            }),
         }
     }
 
@@ -285,9 +311,16 @@ impl BdevRegistry {
             .ok_or_else(|| RegistryError::NotFound { name: name.into() })?
             .to_string();
         if let Some(c) = g.by_name.get(&n).and_then(|e| e.claim.as_ref()) {
-            return Err(RegistryError::Claimed { name: n, holder: c.holder.clone(), module: c.module });
+            return Err(RegistryError::Claimed {
+                name: n,
+                holder: c.holder.clone(),
+                module: c.module,
+            });
         }
-        let e = g.by_name.remove(&n).ok_or(RegistryError::NotFound { name: n })?;
+        let e = g
+            .by_name
+            .remove(&n)
+            .ok_or(RegistryError::NotFound { name: n })?;
         for a in &e.aliases {
             g.alias_to_name.remove(a);
         }
@@ -300,8 +333,12 @@ impl BdevRegistry {
     pub fn hot_remove(&self, name: &str) -> bool {
         let (n, callbacks) = {
             let mut g = self.inner.write();
-            let Some(n) = Self::resolve(&g, name).map(|s| s.to_string()) else { return false };
-            let Some(e) = g.by_name.remove(&n) else { return false };
+            let Some(n) = Self::resolve(&g, name).map(|s| s.to_string()) else {
+                return false;
+            };
+            let Some(e) = g.by_name.remove(&n) else {
+                return false;
+            };
             for a in &e.aliases {
                 g.alias_to_name.remove(a);
             }
@@ -336,7 +373,10 @@ impl BdevRegistry {
             info: e.bdev.info(),
             aliases: e.aliases.clone(),
             claim: e.claim.as_ref().map(|c| (c.holder.clone(), c.module)),
-            supported: IoKind::ALL.into_iter().filter(|k| e.bdev.supports(*k)).collect(),
+            supported: IoKind::ALL
+                .into_iter()
+                .filter(|k| e.bdev.supports(*k))
+                .collect(),
             driver_specific: e.driver_specific.clone(),
         }
     }
@@ -363,14 +403,39 @@ mod tests {
     fn names_aliases_claims() {
         let r = BdevRegistry::new();
         r.register(m("a"), &["a-alias".into()]).unwrap();
-        assert!(matches!(r.register(m("a"), &[]), Err(RegistryError::Exists { .. })));
-        assert!(matches!(r.register(m("b"), &["a".into()]), Err(RegistryError::Exists { .. })));
+        assert!(matches!(
+            r.register(m("a"), &[]),
+            Err(RegistryError::Exists { .. })
+        ));
+        assert!(matches!(
+            r.register(m("b"), &["a".into()]),
+            Err(RegistryError::Exists { .. })
+        ));
         assert_eq!(r.get("a-alias").unwrap().name(), "a");
-        r.claim("a", Claim { holder: "raid r0".into(), module: "raid", on_remove: None }).unwrap();
-        let e = r.claim("a-alias", Claim { holder: "x".into(), module: "nbd", on_remove: None });
+        r.claim(
+            "a",
+            Claim {
+                holder: "raid r0".into(),
+                module: "raid",
+                on_remove: None,
+            },
+        )
+        .unwrap();
+        let e = r.claim(
+            "a-alias",
+            Claim {
+                holder: "x".into(),
+                module: "nbd",
+                on_remove: None,
+            },
+        );
         assert_eq!(
             e.unwrap_err(),
-            RegistryError::Claimed { name: "a".into(), holder: "raid r0".into(), module: "raid" }
+            RegistryError::Claimed {
+                name: "a".into(),
+                holder: "raid r0".into(),
+                module: "raid"
+            }
         );
         let e = r.unregister("a").unwrap_err();
         assert!(e.to_string().contains("claimed by raid r0"), "{e}");
@@ -399,10 +464,13 @@ mod tests {
             },
         )
         .unwrap();
-        r.subscribe("n1", Arc::new(move |n| {
-            assert_eq!(n, "n1");
-            h2.fetch_add(10, Ordering::SeqCst);
-        }))
+        r.subscribe(
+            "n1",
+            Arc::new(move |n| {
+                assert_eq!(n, "n1");
+                h2.fetch_add(10, Ordering::SeqCst);
+            }),
+        )
         .unwrap();
         assert!(r.hot_remove("n1"));
         assert_eq!(hits.load(Ordering::SeqCst), 11);

@@ -54,7 +54,11 @@ pub struct TransportId {
 
 impl TransportId {
     pub fn new(traddr: &str, trsvcid: &str, subnqn: &str) -> Self {
-        let adrfam = if traddr.contains(':') { AdrFam::Ipv6 } else { AdrFam::Ipv4 };
+        let adrfam = if traddr.contains(':') {
+            AdrFam::Ipv6
+        } else {
+            AdrFam::Ipv4
+        };
         TransportId {
             adrfam,
             traddr: traddr.to_string(),

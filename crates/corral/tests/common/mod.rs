@@ -1,5 +1,5 @@
 //! Test harness: real `corral` processes on loopback, driven over their RPC socket.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

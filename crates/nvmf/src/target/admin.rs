@@ -275,7 +275,7 @@ fn get_log_page(ctx: AdminCtx<'_>, sqe: &Sqe) -> AdminReply {
             )
         }
     };
-    if g.offset % 4 != 0 || g.offset > full.len() as u64 {
+    if !g.offset.is_multiple_of(4) || g.offset > full.len() as u64 {
         return invalid_field();
     }
     let start = g.offset as usize;

@@ -248,8 +248,7 @@ impl std::fmt::Debug for Connection {
 
 /// Largest PDU data the decoder accepts: the biggest H2CData or in-capsule data.
 fn max_rx_data(o: &TransportOpts) -> usize {
-    (o
-        .max_h2c_data
+    (o.max_h2c_data
         .max(o.in_capsule_data_size)
         .max(ADMIN_IN_CAPSULE)) as usize
 }
@@ -1054,9 +1053,9 @@ impl Connection {
                     if nlb == 0 {
                         continue;
                     }
-                    if !slba
+                    if slba
                         .checked_add(nlb)
-                        .is_some_and(|e| e <= ns.bdev.num_blocks())
+                        .is_none_or(|e| e > ns.bdev.num_blocks())
                     {
                         return self.finish(idx, st(GenericStatus::LbaOutOfRange).with_dnr(), 0);
                     }

@@ -68,9 +68,7 @@ impl CtrlState {
             ShutdownComplete
         } else if new.en && !old.en {
             Enabled
-        } else if !new.en && old.en {
-            Disabled
-        } else if self == ShutdownComplete && !new.en {
+        } else if !new.en && (old.en || self == ShutdownComplete) {
             Disabled
         } else {
             self

@@ -346,7 +346,7 @@ impl Subsystem {
             } else {
                 id + 1
             };
-            if !t.by_id.contains_key(&id) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = t.by_id.entry(id) {
                 let c = Controller::new(
                     id,
                     &self.nqn,
@@ -357,7 +357,7 @@ impl Subsystem {
                     max_io_queues,
                     now,
                 );
-                t.by_id.insert(id, c.clone());
+                slot.insert(c.clone());
                 return Some(c);
             }
         }

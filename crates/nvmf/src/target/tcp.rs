@@ -20,10 +20,13 @@ use tracing::{debug, info, warn};
 use super::conn::{Action, Connection, QueueIdentity};
 use super::{ListenAddress, Target, TargetError};
 
+/// A completed I/O: the connection's tag, the request, and its result.
+type Done = (u64, BdevIo, Result<(), IoError>);
+
 /// Completions delivered by bdevs to one connection, possibly from other threads.
 #[derive(Default)]
 struct ConnSink {
-    queue: Mutex<VecDeque<(u64, BdevIo, Result<(), IoError>)>>,
+    queue: Mutex<VecDeque<Done>>,
     /// Set while the driver sleeps, so completers only pay for a wake-up then.
     waiting: AtomicBool,
     wake: Notify,
@@ -404,10 +407,8 @@ async fn drive(
         if conn.is_closing() && conn.pending_output() == 0 {
             break Ok(());
         }
-        if eof {
-            if conn.pending_output() == 0 || conn.is_closing() {
-                break Ok(());
-            }
+        if eof && (conn.pending_output() == 0 || conn.is_closing()) {
+            break Ok(());
         }
         if progressed {
             // More may be ready; yield so other connections on this thread run.

@@ -23,8 +23,9 @@ const NQN: &str = "nqn.2024-01.io.corral:test";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
 
 /// Completions delivered synchronously by malloc are collected here.
+type Done = (u64, BdevIo, Result<(), IoError>);
 #[derive(Default)]
-struct Collect(Mutex<Vec<(u64, BdevIo, Result<(), IoError>)>>);
+struct Collect(Mutex<Vec<Done>>);
 impl IoSink for Collect {
     fn complete(&self, tag: u64, io: BdevIo, r: Result<(), IoError>) {
         self.0.lock().push((tag, io, r));
