@@ -125,7 +125,10 @@ fn start_target(nqn: String, cpu: usize) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         pin(cpu);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             use nvmf::target::tcp::TcpTarget;
             use nvmf::target::{ListenAddress, SubsystemConfig, Target, TransportOpts};
@@ -134,9 +137,13 @@ fn start_target(nqn: String, cpu: usize) -> String {
             cfg.allow_any_host = true;
             let sub = t.create_subsystem(cfg).unwrap();
             let m = bdev::malloc::MallocBdev::new("perf0", 2 << 20, 512, None).unwrap();
-            sub.add_namespace(Arc::new(m), Some(1), None, None, false).unwrap();
+            sub.add_namespace(Arc::new(m), Some(1), None, None, false)
+                .unwrap();
             let tcp = TcpTarget::new(t);
-            let a = tcp.add_listener(&nqn, ListenAddress::new("127.0.0.1", "0")).await.unwrap();
+            let a = tcp
+                .add_listener(&nqn, ListenAddress::new("127.0.0.1", "0"))
+                .await
+                .unwrap();
             tx.send(format!("127.0.0.1:{}", a.trsvcid)).unwrap();
             std::future::pending::<()>().await;
         });
@@ -154,7 +161,12 @@ struct Hist {
 
 impl Hist {
     fn new() -> Self {
-        Hist { fine: vec![0; 20_000], coarse: vec![0; 10_001], n: 0, sum_ns: 0 }
+        Hist {
+            fine: vec![0; 20_000],
+            coarse: vec![0; 10_001],
+            n: 0,
+            sum_ns: 0,
+        }
     }
     fn add(&mut self, ns: u64) {
         self.n += 1;
@@ -228,7 +240,10 @@ fn main() {
         None => start_target(a.nqn.clone(), a.target_cpu),
     };
     pin(a.host_cpu);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let (ip, port) = addr.rsplit_once(':').unwrap();
         let mut o = ControllerOpts::new(TransportId::new(ip, port, &a.nqn));
