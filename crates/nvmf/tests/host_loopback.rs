@@ -249,7 +249,7 @@ async fn target_that_never_returns_deletes_the_controller_after_ctrlr_loss() {
     init_tracing();
     let mut t = Tgt::start(TransportOpts::default(), true).await;
     let mut o = t.opts();
-    o.ctrlr_loss_timeout_sec = 3;
+    o.ctrlr_loss_timeout_sec = 4;
     o.reconnect_delay_sec = 1;
     o.fast_io_fail_timeout_sec = 2;
     let c = HostController::connect(o).await.unwrap();
@@ -285,7 +285,7 @@ async fn target_that_never_returns_deletes_the_controller_after_ctrlr_loss() {
     .expect("fast_io_fail");
     let at_fail = t0.elapsed();
     assert!(
-        at_fail >= Duration::from_secs(2) && at_fail < Duration::from_millis(2900),
+        at_fail >= Duration::from_secs(2) && at_fail < Duration::from_millis(3500),
         "{at_fail:?}"
     );
     assert_eq!(
@@ -304,7 +304,7 @@ async fn target_that_never_returns_deletes_the_controller_after_ctrlr_loss() {
     .unwrap();
     let at_loss = t0.elapsed();
     assert!(
-        at_loss >= Duration::from_secs(3) && at_loss < Duration::from_secs(5),
+        at_loss >= Duration::from_secs(4) && at_loss < Duration::from_secs(6),
         "{at_loss:?}"
     );
     assert_eq!(*told.lock(), vec![Removal::CtrlrLoss]);
@@ -347,4 +347,57 @@ async fn ctrlr_loss_zero_fails_after_one_attempt_and_stays_failed() {
     assert_eq!(&b.read_blocks(3, 1).await.unwrap()[..], &[4u8; 512][..]);
     c.delete().await.unwrap();
     assert_eq!(c.removal(), Some(Removal::Deleted));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_connection_times_out_and_reconnects_without_failed_io() {
+    init_tracing();
+    let t = Tgt::start(TransportOpts::default(), true).await;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", t.port)).await;
+    let mut o = t.opts();
+    o.trid = TransportId::new("127.0.0.1", &proxy.port.to_string(), NQN);
+    o.num_io_queues = 2;
+    o.kato_ms = 2000;
+    o.admin_timeout = Duration::from_secs(2);
+    o.io_timeout = Duration::from_secs(2);
+    o.connect_timeout = Duration::from_secs(2);
+    o.ctrlr_loss_timeout_sec = 30;
+    o.reconnect_delay_sec = 1;
+    o.fast_io_fail_timeout_sec = 20;
+    let c = HostController::connect(o).await.unwrap();
+    let cntlid = c.cntlid();
+    let b: Arc<dyn Bdev> = Arc::new(NvmeNsBdev::new(&c, 1, "c0n1").unwrap());
+    let model = Arc::new(Mutex::new(Model::new(512, BLOCKS)));
+    let io = tokio::spawn(random_verified_io(
+        b.clone(),
+        model.clone(),
+        5,
+        300,
+        8,
+        128 << 10,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing moves, nothing closes: only timeouts can notice.
+    let t0 = Instant::now();
+    proxy.freeze();
+    wait_state(&c, CtrlrState::Resetting, Duration::from_secs(6)).await;
+    let noticed = t0.elapsed();
+    // reconnect attempts hang too, bounded by the connect timeout
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(matches!(
+        c.state(),
+        CtrlrState::Resetting | CtrlrState::ReconnectIsDelayed
+    ));
+    proxy.thaw();
+    wait_state(&c, CtrlrState::Enabled, Duration::from_secs(10)).await;
+    tokio::time::timeout(Duration::from_secs(60), io)
+        .await
+        .expect("I/O finished")
+        .unwrap();
+    verify_all(&*b, &model).await;
+    eprintln!(
+        "hang noticed after {noticed:?}; cntlid {cntlid} -> {}",
+        c.cntlid()
+    );
+    c.disconnect().await.unwrap();
 }

@@ -690,14 +690,17 @@ impl Inner {
         }
     }
 
+    /// Only the supervisor calls this. The flag is published after the held
+    /// I/O has been failed, so whoever sees it set sees that I/O finished.
     fn set_fast_fail(&self, on: bool) {
-        if self.fast_failed.swap(on, Ordering::AcqRel) != on {
+        if self.fast_failed.load(Ordering::Acquire) != on {
             if on {
                 tracing::warn!(trid = %self.opts.trid, "fast_io_fail_timeout expired: failing held and new I/O");
             }
             for q in &self.io {
                 q.set_refuse(on.then_some(IoError::NoPath));
             }
+            self.fast_failed.store(on, Ordering::Release);
         }
     }
 

@@ -178,13 +178,40 @@ pub async fn admin_like_io(bdev: &dyn Bdev, model: &Mutex<Model>) {
     assert_eq!(e, IoError::OutOfRange);
 }
 
-/// A TCP relay that can cut every connection and refuse new ones, to play a
-/// target that dies (and maybe comes back) whatever the target is.
+/// A TCP relay that can cut every connection and refuse new ones (a target
+/// that dies, maybe to come back), or freeze (connections stay open but
+/// nothing moves: a target or network that hangs), whatever the target is.
 pub struct Proxy {
     pub port: u16,
     up: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Proxy {
@@ -192,11 +219,12 @@ impl Proxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
+        let frozen = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (u2, c2) = (up.clone(), conns.clone());
+        let (u2, c2, f2) = (up.clone(), conns.clone(), frozen.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut down, _)) = l.accept().await else {
+                let Ok((down, _)) = l.accept().await else {
                     return;
                 };
                 if !u2.load(Ordering::SeqCst) {
@@ -204,19 +232,24 @@ impl Proxy {
                     continue;
                 }
                 let upstream = upstream.clone();
+                let f = f2.clone();
                 c2.lock().push(tokio::spawn(async move {
-                    let Ok(mut up) = TcpStream::connect(&upstream).await else {
+                    let Ok(up) = TcpStream::connect(&upstream).await else {
                         return;
                     };
                     let _ = up.set_nodelay(true);
                     let _ = down.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    // Both directions live in this task: aborting it closes both sockets.
+                    tokio::join!(relay(dr, uw, f.clone()), relay(ur, dw, f));
                 }));
             }
         });
         Proxy {
             port,
             up,
+            frozen,
             conns,
             accept,
         }
@@ -230,7 +263,16 @@ impl Proxy {
     }
     /// Accepts and relays again.
     pub fn restore(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
+    }
+    /// Stops moving bytes on every connection, old and new, without closing any.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+    /// Moves bytes again.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
     }
 }
 
