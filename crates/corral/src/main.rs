@@ -20,6 +20,8 @@ struct Cli {
 enum Cmd {
     /// The dataplane daemon: bdevs, NVMe/TCP, raid, exports, behind JSON-RPC.
     Dataplane(cmd::dataplane::Args),
+    /// Call a dataplane JSON-RPC method (like SPDK's rpc.py).
+    Rpc(cmd::rpc::Args),
     /// A standalone NVMe/TCP target serving malloc or file namespaces.
     Target(cmd::target::Args),
 }
@@ -28,11 +30,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let r = match cli.cmd {
-        Cmd::Dataplane(a) => cmd::dataplane::run(a),
-        Cmd::Target(a) => cmd::target::run(a),
+        Cmd::Dataplane(a) => cmd::dataplane::run(a).map(|_| std::process::ExitCode::SUCCESS),
+        Cmd::Rpc(a) => cmd::rpc::run(a),
+        Cmd::Target(a) => cmd::target::run(a).map(|_| std::process::ExitCode::SUCCESS),
     };
     match r {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(c) => c,
         Err(e) => {
             eprintln!("corral: error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -1,4 +1,5 @@
 //! Subcommands.
 
 pub mod dataplane;
+pub mod rpc;
 pub mod target;

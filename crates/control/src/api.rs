@@ -1,0 +1,172 @@
+//! The agent's HTTP API types, shared by the agent (server) and the manager (client).
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Frontend;
+
+/// A replica the agent must make exist, exposed only to `allowed_host`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSpec {
+    pub name: String,
+    pub volume: String,
+    pub disk: String,
+    pub size_bytes: u64,
+    /// The one host NQN that may connect (the current engine's); None = nobody.
+    pub allowed_host: Option<String>,
+}
+
+/// What a replica looks like on its node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub name: String,
+    pub disk: String,
+    pub size_bytes: u64,
+    pub nqn: String,
+    pub traddr: String,
+    pub trsvcid: String,
+    /// Host NQNs on the allow-list.
+    pub hosts: Vec<String>,
+    /// Host NQNs with a controller connected now.
+    pub connected_hosts: Vec<String>,
+    pub snapshots: Vec<String>,
+}
+
+/// Reconnect knobs of the engine's controllers (SPDK's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Knobs {
+    pub ctrlr_loss_timeout_sec: i32,
+    pub reconnect_delay_sec: u32,
+    pub fast_io_fail_timeout_sec: u32,
+}
+
+impl Default for Knobs {
+    /// Longhorn's values.
+    fn default() -> Self {
+        Knobs { ctrlr_loss_timeout_sec: 15, reconnect_delay_sec: 2, fast_io_fail_timeout_sec: 10 }
+    }
+}
+
+/// Where the engine reaches a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineReplica {
+    pub name: String,
+    pub traddr: String,
+    pub trsvcid: String,
+}
+
+/// An engine the agent must make exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSpec {
+    pub volume: String,
+    pub epoch: u64,
+    pub replicas: Vec<EngineReplica>,
+    /// None: controllers and raid only (phase 1); the frontend comes once the
+    /// manager has recorded which replicas made it in.
+    pub frontend: Option<Frontend>,
+    pub knobs: Knobs,
+}
+
+/// One decision of a convergent step (I1), reported as an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEvent {
+    /// "controller", "raid", "frontend", "lvol", "subsystem", ...
+    pub kind: String,
+    pub name: String,
+    /// "adopted", "replaced", "created", "deleted", "failed".
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// State of one raid member as the dataplane reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub replica: String,
+    /// "online", "rebuilding", "out_of_sync", "missing".
+    pub state: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub volume: String,
+    pub epoch: u64,
+    /// Replicas whose controller is attached and whose namespace is a raid member.
+    pub members: Vec<MemberStatus>,
+    pub raid_state: Option<String>,
+    pub frontend: Option<Frontend>,
+    pub endpoint: Option<String>,
+    pub events: Vec<StepEvent>,
+}
+
+/// The durable record the dataplane's raid keeps (I5), also after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaidRecord {
+    pub raid: String,
+    pub members: Vec<MemberStatus>,
+}
+
+/// A resource that follows corral's naming but that nothing live owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    /// "controller", "raid", "nbd_export", "subsystem", "lvol".
+    pub kind: String,
+    pub name: String,
+    pub detail: String,
+    pub age_secs: u64,
+}
+
+/// What the manager says this node should run, for orphan detection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    pub replicas: Vec<String>,
+    /// (volume, epoch) of engines on this node.
+    pub engines: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub name: String,
+    pub path: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub ready: bool,
+    pub reason: Option<String>,
+}
+
+/// Everything the agent knows about its node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node: String,
+    pub address: String,
+    /// Changes when the dataplane restarts (its process start time and pid).
+    pub dataplane_instance: String,
+    pub disks: Vec<DiskStatus>,
+    pub replicas: Vec<ReplicaStatus>,
+    pub engines: Vec<EngineStatus>,
+    /// Durable raid records (survive a dataplane crash).
+    pub raid_records: Vec<RaidRecord>,
+    /// None until the manager has told the agent what it should run.
+    pub orphans: Option<Vec<Orphan>>,
+    /// Every NVMe/TCP controller of the dataplane (name, state, host NQN, target).
+    #[serde(default)]
+    pub controllers: Vec<ControllerInfo>,
+}
+
+/// A host controller in the node's dataplane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    pub name: String,
+    pub state: String,
+    pub hostnqn: String,
+    pub traddr: String,
+    pub trsvcid: String,
+    pub subnqn: String,
+}
+
+/// An error answered by the agent API: what failed and whether retrying can help.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub message: String,
+    pub class: crate::retry::ErrorClass,
+}

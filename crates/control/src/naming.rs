@@ -1,0 +1,109 @@
+//! Every name corral gives a runtime resource, in one place (invariant I2).
+//! See docs/CONTROL.md, "Names". Parsers recognise our names so that the agent
+//! can tell its own resources (live or orphaned) from everything else.
+
+/// The NQN prefix of everything corral creates.
+pub const NQN_PREFIX: &str = "nqn.2025-01.io.corral";
+
+/// A replica id: `<volume>-r<8 hex>`.
+pub fn new_replica_id(volume: &str) -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("{volume}-r{}", &u[..8])
+}
+
+/// The volume a replica id belongs to.
+pub fn replica_volume(replica: &str) -> Option<&str> {
+    let (v, tail) = replica.rsplit_once("-r")?;
+    (tail.len() == 8 && tail.bytes().all(|b| b.is_ascii_hexdigit()) && !v.is_empty()).then_some(v)
+}
+
+/// NQN of the subsystem that exposes replica `replica`.
+pub fn replica_nqn(replica: &str) -> String {
+    format!("{NQN_PREFIX}:replica:{replica}")
+}
+
+/// The replica named by a replica subsystem NQN.
+pub fn parse_replica_nqn(nqn: &str) -> Option<&str> {
+    nqn.strip_prefix(NQN_PREFIX)?.strip_prefix(":replica:").filter(|r| !r.is_empty())
+}
+
+/// Host NQN of volume `volume`'s engine of epoch `epoch`.
+pub fn engine_hostnqn(volume: &str, epoch: u64) -> String {
+    format!("{NQN_PREFIX}:engine:{volume}:e{epoch}")
+}
+
+/// (volume, epoch) of an engine host NQN.
+pub fn parse_engine_hostnqn(nqn: &str) -> Option<(&str, u64)> {
+    let rest = nqn.strip_prefix(NQN_PREFIX)?.strip_prefix(":engine:")?;
+    let (v, e) = rest.rsplit_once(":e")?;
+    Some((v, e.parse().ok()?)).filter(|(v, _)| !v.is_empty())
+}
+
+/// NQN of the NVMe/TCP frontend of volume `volume`.
+pub fn volume_nqn(volume: &str) -> String {
+    format!("{NQN_PREFIX}:volume:{volume}")
+}
+
+pub fn parse_volume_nqn(nqn: &str) -> Option<&str> {
+    nqn.strip_prefix(NQN_PREFIX)?.strip_prefix(":volume:").filter(|v| !v.is_empty())
+}
+
+/// Name of the engine's NVMe controller to a replica (its namespace bdev is `<name>n1`).
+pub fn engine_ctrlr_name(replica: &str) -> String {
+    replica.to_string()
+}
+
+/// Namespace bdev of the engine's controller to `replica`.
+pub fn engine_ns_bdev(replica: &str) -> String {
+    format!("{replica}n1")
+}
+
+/// Name of the engine's raid1 bdev (and of its NBD export).
+pub fn raid_name(volume: &str) -> String {
+    volume.to_string()
+}
+
+/// The lvol alias `<lvstore>/<replica>` SPDK-style.
+pub fn lvol_alias(disk: &str, replica: &str) -> String {
+    format!("{disk}/{replica}")
+}
+
+/// Volume and replica names: what users may type. Letters, digits, `-`, `_`,
+/// `.`, starting with a letter or digit, at most 63 bytes (the replica id and
+/// NQNs built from it then stay within NVMe's 223-byte limit).
+pub fn valid_volume_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1 to 63 characters".into());
+    }
+    let ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok || !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err("may hold letters, digits, '-', '_' and '.', and must start with a letter or digit".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let r = new_replica_id("vol-1");
+        assert_eq!(replica_volume(&r), Some("vol-1"));
+        assert_eq!(parse_replica_nqn(&replica_nqn(&r)), Some(r.as_str()));
+        assert_eq!(parse_engine_hostnqn(&engine_hostnqn("vol-1", 7)), Some(("vol-1", 7)));
+        assert_eq!(parse_engine_hostnqn("nqn.2014-08.org.nvmexpress:uuid:x"), None);
+        assert_eq!(parse_volume_nqn(&volume_nqn("v")), Some("v"));
+        assert_eq!(replica_volume("not-a-replica"), None);
+        assert_eq!(engine_ns_bdev("v-r0123abcd"), "v-r0123abcdn1");
+        assert!(engine_hostnqn(&"v".repeat(63), u64::MAX).len() <= 223);
+    }
+
+    #[test]
+    fn volume_names() {
+        assert!(valid_volume_name("vol1").is_ok());
+        assert!(valid_volume_name("-x").is_err());
+        assert!(valid_volume_name("a/b").is_err());
+        assert!(valid_volume_name(&"a".repeat(64)).is_err());
+    }
+}
