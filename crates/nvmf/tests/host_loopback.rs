@@ -401,3 +401,77 @@ async fn a_hung_connection_times_out_and_reconnects_without_failed_io() {
     );
     c.disconnect().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_changes_reach_the_host_through_async_events() {
+    init_tracing();
+    let t = Tgt::start(TransportOpts::default(), true).await;
+    let c = HostController::connect(t.opts()).await.unwrap();
+    let b1 = NvmeNsBdev::new(&c, 1, "c0n1").unwrap();
+    assert_eq!(c.namespaces().len(), 1);
+    let sub = t.tcp.as_ref().unwrap().target().subsystem(NQN).unwrap();
+    let m2 = Arc::new(MallocBdev::new("m1", 4096, 4096, None).unwrap());
+    sub.add_namespace(m2.clone(), Some(2), None, None, false)
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        while c.namespace(2).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "namespace 2 did not appear: {:?}",
+        c.namespaces()
+    );
+    let n2 = c.namespace(2).unwrap();
+    assert_eq!((n2.block_size, n2.num_blocks), (4096, 4096));
+    let b2 = NvmeNsBdev::new(&c, 2, "c0n2").unwrap();
+    b2.write_blocks(7, &[3u8; 8192], false).await.unwrap();
+    assert!(m2.read_blocks(7, 2).await.unwrap().iter().all(|&x| x == 3));
+    // and one going away
+    sub.remove_namespace(1).unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(5), async {
+        while c.namespaces().iter().any(|n| n.nsid == 1) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "namespace 1 still listed");
+    assert_eq!(b1.read_blocks(0, 1).await.unwrap_err(), IoError::Removed);
+    assert_eq!(c.state(), CtrlrState::Enabled);
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_deletes_the_controller() {
+    init_tracing();
+    let t = Tgt::start(TransportOpts::default(), true).await;
+    let c = HostController::connect(t.opts()).await.unwrap();
+    let mut rx = c.subscribe();
+    let b = NvmeNsBdev::new(&c, 1, "c0n1").unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        *rx.borrow_and_update(),
+        CtrlrState::Enabled,
+        "the bdev still holds it"
+    );
+    drop(b);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|s| *s == CtrlrState::Deleted),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // and the target saw the connections go
+    let tcp = t.tcp.as_ref().unwrap().clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while tcp.num_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("target connections closed");
+}

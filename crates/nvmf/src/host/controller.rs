@@ -227,10 +227,25 @@ struct Inner {
 
 /// A connected NVMe/TCP controller. Cheap to clone; all clones are the same
 /// controller. It lives until [`HostController::disconnect`] or
-/// [`HostController::delete`] (or controller loss) ends it.
+/// [`HostController::delete`] (or controller loss) ends it, or until the last
+/// clone (namespace bdevs included) is dropped, which deletes it: a controller
+/// nobody holds is never left behind.
 #[derive(Clone)]
 pub struct HostController {
     inner: Arc<Inner>,
+    _last: Arc<LastHandle>,
+}
+
+/// Deletes the controller when the last user handle goes away.
+struct LastHandle {
+    ctl: mpsc::UnboundedSender<Ctl>,
+}
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.ctl.send(Ctl::Delete(tx));
+    }
 }
 
 impl std::fmt::Debug for HostController {
@@ -1128,7 +1143,10 @@ impl HostController {
         inner.install(&mut sess, links);
         inner.move_to(CtrlrState::Enabled);
         tokio::spawn(inner.clone().supervise(sess, ev_rx, ctl_rx));
-        Ok(HostController { inner })
+        let last = Arc::new(LastHandle {
+            ctl: inner.ctl.clone(),
+        });
+        Ok(HostController { inner, _last: last })
     }
 
     /// Submits an I/O to namespace `nsid` from any thread. `done` is called
