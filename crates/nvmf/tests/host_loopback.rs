@@ -118,6 +118,12 @@ async fn concurrent_verified_io_over_several_queues_digests_on_and_off() {
         o.io_queue_depth = 32;
         let c = HostController::connect(o).await.unwrap();
         assert_eq!(c.queues().len(), 4);
+        let snap = c.snapshot();
+        assert_eq!(snap.state, CtrlrState::Enabled);
+        assert_eq!((snap.hdgst, snap.ddgst), (digests, digests));
+        assert_eq!(snap.model_number, "corral");
+        assert_eq!(snap.trid.subnqn, NQN);
+        assert_eq!(snap.namespaces.len(), 1);
         if digests {
             assert_eq!(c.max_xfer(), 128 << 10);
             assert_eq!(c.icd_max(), 8192);

@@ -24,7 +24,7 @@ use std::time::Duration;
 use nvme_wire::Status;
 
 pub use self::bdev::NvmeNsBdev;
-pub use controller::{HostController, NamespaceInfo, QueueInfo, Removal};
+pub use controller::{CtrlrSnapshot, HostController, NamespaceInfo, QueueInfo, Removal};
 pub use state::CtrlrState;
 pub use tcp::IoQpair;
 

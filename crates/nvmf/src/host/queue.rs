@@ -382,6 +382,10 @@ impl<C> QueueCore<C> {
     pub fn in_flight(&self) -> usize {
         self.active_reqs
     }
+    /// How many more requests [`QueueCore::submit`] would accept.
+    pub fn free_requests(&self) -> usize {
+        self.free_reqs.len()
+    }
     /// Whether [`QueueCore::submit`] would accept another request.
     pub fn has_room(&self) -> bool {
         !self.free_reqs.is_empty()

@@ -615,13 +615,26 @@ impl<C: QueueCtx> QueueShared<C> {
         self.notify.notify_one();
     }
 
-    /// Moves queued requests into the core while it has room.
-    fn pull(&self, st: &mut LinkState<C>, now: Instant) {
-        let mut g = self.inbox.lock();
-        while st.core.has_room() {
-            let Some(r) = g.q.pop_front() else { break };
+    /// Moves queued requests into the core while it has room. The lock is held
+    /// only to move them out (into `scratch`, reused), not while they are encoded.
+    fn pull(&self, st: &mut LinkState<C>, scratch: &mut VecDeque<Request<C>>, now: Instant) {
+        let room = st.core.free_requests();
+        if room == 0 {
+            return;
+        }
+        {
+            let mut g = self.inbox.lock();
+            let n = room.min(g.q.len());
+            scratch.extend(g.q.drain(..n));
+        }
+        while let Some(r) = scratch.pop_front() {
             if let Err(r) = st.core.submit(r, now, &mut st.done) {
-                g.q.push_front(r);
+                // Cannot happen (room was counted); keep the request anyway.
+                scratch.push_front(r);
+                let mut g = self.inbox.lock();
+                while let Some(r) = scratch.pop_back() {
+                    g.q.push_front(r);
+                }
                 break;
             }
         }
@@ -682,6 +695,7 @@ pub(crate) async fn run_queue<C: QueueCtx>(
 ) -> QueueExit {
     let qid = link.qid();
     let mut scratch = Vec::with_capacity(64);
+    let mut incoming = VecDeque::with_capacity(link.st.core.config().max_requests as usize);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut now = Instant::now();
@@ -692,7 +706,7 @@ pub(crate) async fn run_queue<C: QueueCtx>(
         {
             break Ok(());
         }
-        shared.pull(&mut link.st, now);
+        shared.pull(&mut link.st, &mut incoming, now);
         if now.duration_since(last_check) >= TICK {
             last_check = now;
             if let Err(e) = link.st.core.check_timeouts(now) {
