@@ -221,8 +221,10 @@ impl Gen {
 }
 
 /// Completions of the `bdev` mode: pushed by the queue task, taken by the bench task.
+type Finished = (u64, BdevIo, Result<(), IoError>);
+
 struct Sink {
-    q: Mutex<Vec<(u64, BdevIo, Result<(), IoError>)>>,
+    q: Mutex<Vec<Finished>>,
     notify: tokio::sync::Notify,
 }
 
@@ -274,9 +276,9 @@ fn main() {
         if a.mode == "bdev" {
             let sink = Arc::new(Sink { q: Mutex::new(Vec::with_capacity(a.qd)), notify: Default::default() });
             let sink_dyn: Arc<dyn IoSink> = sink.clone();
-            for slot in 0..a.qd {
+            for (slot, start) in starts.iter_mut().enumerate() {
                 let io = BdevIo { kind, offset_blocks: g.next_lba(), num_blocks: g.per, buf: IoBuf::zeroed(a.size), fua: false };
-                starts[slot] = Instant::now();
+                *start = Instant::now();
                 c.submit(ns.nsid, io, Completion::new(sink_dyn.clone(), slot as u64));
             }
             let mut batch = Vec::with_capacity(a.qd);
@@ -304,9 +306,9 @@ fn main() {
         } else {
             let mut qp = c.alloc_io_qpair::<usize>(a.qd as u16).await.unwrap();
             let mut out: Vec<Done<usize>> = Vec::with_capacity(a.qd);
-            for slot in 0..a.qd {
+            for (slot, start) in starts.iter_mut().enumerate() {
                 let cmd = IoCmd { kind, nsid: ns.nsid, slba: g.next_lba(), nblocks: g.per, block_size: ns.block_size, fua: false };
-                starts[slot] = Instant::now();
+                *start = Instant::now();
                 qp.submit(Request::new(Command::Io(cmd), IoBuf::zeroed(a.size), slot)).map_err(|_| ()).unwrap();
             }
             let mut outstanding = a.qd;
@@ -315,7 +317,7 @@ fn main() {
                 if a.mode == "poll" {
                     qp.process_completions(&mut out).unwrap();
                     spins += 1;
-                    if spins % 4096 == 0 {
+                    if spins.is_multiple_of(4096) {
                         // let the keep-alive and admin tasks run
                         tokio::task::yield_now().await;
                     }
