@@ -378,7 +378,11 @@ mod tests {
     fn lists() {
         let b = active_ns_list(&[3, 1, 2], 1);
         assert_eq!(parse_active_ns_list(&b[..]), vec![2, 3]);
-        let d = vec![NsDescriptor::Nguid([1; 16]), NsDescriptor::Uuid([2; 16]), NsDescriptor::Csi(0)];
+        let d = vec![
+            NsDescriptor::Nguid([1; 16]),
+            NsDescriptor::Uuid([2; 16]),
+            NsDescriptor::Csi(0),
+        ];
         let b = ns_descriptor_list(&d);
         assert_eq!(&b[0..4], &[2, 16, 0, 0]);
         assert_eq!(parse_ns_descriptor_list(&b[..]), d);
