@@ -20,6 +20,15 @@ pub const SHORT_HLEN: usize = 24;
 pub const CMD_HLEN: usize = 72;
 /// The most header bytes a TermReq carries back.
 pub const TERM_REQ_MAX_DATA: usize = 128;
+/// The largest valid HPDA/CPDA: data aligned to at most (31+1)*4 = 128 bytes.
+pub const MAX_PDA: u8 = 31;
+
+/// Data alignment in bytes for a PDA. Values above [`MAX_PDA`] are invalid (a
+/// connection rejects them in ICReq/ICResp); they are treated as 31 so that the
+/// alignment never exceeds what the one-byte PDO and `max_plen` allow for.
+fn data_align(pda: u8) -> usize {
+    (pda.min(MAX_PDA) as usize + 1) * 4
+}
 
 pub const FLAG_HDGSTF: u8 = 1 << 0;
 pub const FLAG_DDGSTF: u8 = 1 << 1;
@@ -234,7 +243,9 @@ impl Pdu {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoded {
     /// The buffer holds less than a PDU; at least this many bytes (from the PDU
-    /// start) are needed. Known exactly once the common header is in.
+    /// start) are needed. Without a header digest the whole PDU length is known
+    /// once the common header is in; with one, the decoder first asks for the
+    /// header and its digest, and waits for `plen` bytes only once that matched.
     Need(usize),
     Pdu(Pdu),
 }
@@ -244,7 +255,8 @@ pub enum Decoded {
 pub struct Decoder {
     /// Digests negotiated for this connection (false until ICReq/ICResp).
     pub digest: DigestConfig,
-    /// Receiver's data alignment: data must start at a multiple of (pda+1)*4.
+    /// Receiver's data alignment: data must start at a multiple of (pda+1)*4
+    /// (0..=31; larger values act as 31).
     pub pda: u8,
     /// Largest data length accepted in one PDU.
     pub max_data: usize,
@@ -261,7 +273,10 @@ impl Decoder {
 
     /// The largest `plen` this decoder accepts: what a receive buffer must hold.
     pub fn max_plen(&self) -> usize {
-        (CMD_HLEN + DIGEST_LEN + 128 + self.max_data + DIGEST_LEN).max(IC_LEN)
+        // Saturating: max_data is configuration, and usize::MAX means "no limit".
+        (CMD_HLEN + DIGEST_LEN + 128 + DIGEST_LEN)
+            .saturating_add(self.max_data)
+            .max(IC_LEN)
     }
 
     /// Decodes one PDU at the start of `buf`.
@@ -299,7 +314,7 @@ impl Decoder {
                 }
             }
             PduType::H2CTermReq | PduType::C2HTermReq => {
-                if plen < SHORT_HLEN || plen > SHORT_HLEN + TERM_REQ_MAX_DATA {
+                if !(SHORT_HLEN..=SHORT_HLEN + TERM_REQ_MAX_DATA).contains(&plen) {
                     return Err(PduError::field(4, "TermReq plen out of range"));
                 }
             }
@@ -324,18 +339,25 @@ impl Decoder {
                 }
             }
         }
-        if buf.len() < plen.max(min) {
-            return Ok(Decoded::Need(plen.max(min)));
-        }
         if hd != 0 {
-            let want = crc32c(&buf[..hlen]);
-            if u32_at(buf, hlen) != want {
+            // Verify the header digest as soon as the header is in, before waiting
+            // for the rest of the PDU: a plen corrupted within the range checked
+            // above must fail as a digest error, not leave the receiver waiting for
+            // bytes that never come (Linux and SPDK also read header and digest
+            // first). Limits that the common header alone breaks fail before this.
+            if buf.len() < min {
+                return Ok(Decoded::Need(min));
+            }
+            if u32_at(buf, hlen) != crc32c(&buf[..hlen]) {
                 return Err(PduError::new(
                     FatalError::HeaderDigestError,
                     0,
                     "header digest",
                 ));
             }
+        }
+        if buf.len() < plen.max(min) {
+            return Ok(Decoded::Need(plen.max(min)));
         }
         // Data section of PDUs that may carry data.
         let (mut data_offset, mut data_len, mut data_digest_ok) = (0, 0, true);
@@ -344,7 +366,7 @@ impl Decoder {
             PduType::CapsuleCmd | PduType::H2CData | PduType::C2HData
         ) && plen > min
         {
-            if self.pda != 0 && pdo % ((self.pda as usize + 1) * 4) != 0 {
+            if self.pda != 0 && pdo % data_align(self.pda) != 0 {
                 return Err(PduError::field(
                     3,
                     "pdo violates the negotiated data alignment",
@@ -467,7 +489,8 @@ impl Decoder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Encoder {
     pub digest: DigestConfig,
-    /// The receiver's PDA: data we send starts at a multiple of (pda+1)*4.
+    /// The receiver's PDA: data we send starts at a multiple of (pda+1)*4
+    /// (0..=31; larger values act as 31, so the PDO always fits its byte).
     pub pda: u8,
 }
 
@@ -496,7 +519,7 @@ impl Encoder {
         if data_len > 0 {
             pdo = hlen + hd;
             if dig && self.pda != 0 {
-                let a = (self.pda as usize + 1) * 4;
+                let a = data_align(self.pda);
                 pdo = pdo.div_ceil(a) * a;
             }
             plen = pdo + data_len + dd;
