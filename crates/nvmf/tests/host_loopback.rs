@@ -481,3 +481,113 @@ async fn dropping_the_last_handle_deletes_the_controller() {
     .await
     .expect("target connections closed");
 }
+
+/// A listener that answers each connection with `icresp` (if any) and then
+/// either closes or keeps the socket open in silence.
+async fn fake_target(icresp: Option<nvme_wire::pdu::IcResp>, close_after: bool) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = [0u8; 128];
+                if s.read_exact(&mut req).await.is_err() {
+                    return;
+                }
+                if let Some(r) = icresp {
+                    let mut out = Vec::new();
+                    nvme_wire::pdu::Encoder::default().pdu(
+                        &nvme_wire::PduHeader::ICResp(r),
+                        0,
+                        &[],
+                        &mut out,
+                    );
+                    let _ = s.write_all(&out).await;
+                }
+                if close_after {
+                    return;
+                }
+                let mut sink = [0u8; 4096];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_fails_fast_and_bounded_on_bad_or_silent_peers() {
+    init_tracing();
+    let mk = |port: u16| {
+        let mut o = ControllerOpts::new(TransportId::new("127.0.0.1", &port.to_string(), NQN));
+        o.connect_timeout = Duration::from_millis(800);
+        o
+    };
+    let good = nvme_wire::pdu::IcResp {
+        pfv: 0,
+        cpda: 0,
+        digest: Default::default(),
+        maxh2cdata: 131072,
+    };
+    // maxh2cdata below 4096 is refused
+    let p = fake_target(
+        Some(nvme_wire::pdu::IcResp {
+            maxh2cdata: 1024,
+            ..good
+        }),
+        false,
+    )
+    .await;
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(
+        matches!(&e, HostError::Handshake { reason, .. } if reason.contains("maxh2cdata")),
+        "{e}"
+    );
+    // digests the host did not ask for are refused
+    let dg = nvme_wire::DigestConfig {
+        header: true,
+        data: false,
+    };
+    let p = fake_target(Some(nvme_wire::pdu::IcResp { digest: dg, ..good }), false).await;
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(matches!(e, HostError::Handshake { .. }), "{e}");
+    // a peer that never answers the ICReq, or never answers Connect: bounded by connect_timeout
+    for ic in [None, Some(good)] {
+        let p = fake_target(ic, false).await;
+        let t0 = Instant::now();
+        let e = HostController::connect(mk(p)).await.unwrap_err();
+        assert!(matches!(e, HostError::Timeout { .. }), "{e}");
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+    // a peer that closes after ICResp: fails at once
+    let p = fake_target(Some(good), true).await;
+    let t0 = Instant::now();
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(
+        matches!(e, HostError::Closed { .. } | HostError::Io { .. }),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_millis(700));
+    // nobody listening
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    drop(l);
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(matches!(e, HostError::Connect { .. }), "{e}");
+    assert!(e.is_transient());
+    // invalid options never touch the network
+    let mut o = mk(p);
+    o.ctrlr_loss_timeout_sec = 5;
+    let e = HostController::connect(o).await.unwrap_err();
+    assert!(matches!(e, HostError::Opts { .. }), "{e}");
+    assert!(!e.is_transient());
+}
