@@ -164,18 +164,11 @@ impl CmdError {
             CmdError::Invalid(_) => Status::generic(GenericStatus::InvalidField).with_dnr(),
         }
     }
-    /// Whether resubmitting the same command may succeed (no DNR; a transport or path hiccup).
+    /// Whether resubmitting the same command may succeed: any status without
+    /// Do Not Retry (as Linux and SPDK retry them), or a transport hiccup.
     pub fn retryable(&self) -> bool {
         match self {
-            CmdError::Status(c) => {
-                let s = c.status;
-                !s.dnr
-                    && (s.sct == 3
-                        || (s.sct == 0
-                            && (s.sc == GenericStatus::TransientTransportError as u8
-                                || s.sc == GenericStatus::NamespaceNotReady as u8
-                                || s.sc == GenericStatus::CommandInterrupted as u8)))
-            }
+            CmdError::Status(c) => !c.status.dnr,
             CmdError::DataDigest | CmdError::ShortData { .. } | CmdError::ConnectionLost => true,
             CmdError::Invalid(_) => false,
         }
