@@ -20,7 +20,11 @@ pub struct Cqe {
 
 impl Cqe {
     pub fn new(cid: u16, status: Status) -> Self {
-        Cqe { cid, status, ..Default::default() }
+        Cqe {
+            cid,
+            status,
+            ..Default::default()
+        }
     }
     pub fn from_bytes(b: &[u8; CQE_LEN]) -> Self {
         Cqe {

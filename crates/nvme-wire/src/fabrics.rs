@@ -132,7 +132,11 @@ pub struct PropertyCmd {
 
 impl PropertyCmd {
     pub fn from_sqe(s: &Sqe) -> Self {
-        PropertyCmd { size8: s.u8_at(40) & 1 != 0, offset: s.u32_at(44), value: s.u64_at(48) }
+        PropertyCmd {
+            size8: s.u8_at(40) & 1 != 0,
+            offset: s.u32_at(44),
+            value: s.u64_at(48),
+        }
     }
     pub fn get_sqe(cid: u16, offset: u32, size8: bool) -> Sqe {
         let mut s = Sqe::new(FABRICS_OPCODE, cid);
@@ -247,7 +251,11 @@ pub struct Csts {
 
 impl Csts {
     pub fn from_u32(v: u32) -> Self {
-        Csts { rdy: v & 1 != 0, cfs: v & 2 != 0, shst: ((v >> 2) & 3) as u8 }
+        Csts {
+            rdy: v & 1 != 0,
+            cfs: v & 2 != 0,
+            shst: ((v >> 2) & 3) as u8,
+        }
     }
     pub fn to_u32(&self) -> u32 {
         self.rdy as u32 | (self.cfs as u32) << 1 | ((self.shst & 3) as u32) << 2
@@ -288,7 +296,13 @@ mod tests {
 
     #[test]
     fn connect_round_trip() {
-        let c = ConnectCmd { recfmt: 0, qid: 1, sqsize: 127, cattr: 0, kato: 0 };
+        let c = ConnectCmd {
+            recfmt: 0,
+            qid: 1,
+            sqsize: 127,
+            cattr: 0,
+            kato: 0,
+        };
         let s = c.to_sqe(5);
         assert_eq!(s.opcode(), 0x7F);
         assert_eq!(s.fctype(), 1);
@@ -307,12 +321,32 @@ mod tests {
 
     #[test]
     fn registers() {
-        let cap = Cap { mqes: 127, cqr: true, to: 15, css: 1, mpsmax: 0, ..Default::default() };
+        let cap = Cap {
+            mqes: 127,
+            cqr: true,
+            to: 15,
+            css: 1,
+            mpsmax: 0,
+            ..Default::default()
+        };
         assert_eq!(Cap::from_u64(cap.to_u64()), cap);
-        let cc = Cc { en: true, iosqes: 6, iocqes: 4, ..Default::default() };
+        let cc = Cc {
+            en: true,
+            iosqes: 6,
+            iocqes: 4,
+            ..Default::default()
+        };
         assert_eq!(cc.to_u32(), 0x0046_0001);
         assert_eq!(Cc::from_u32(0x0046_0001), cc);
-        assert_eq!(Csts { rdy: true, cfs: false, shst: 2 }.to_u32(), 0b1001);
+        assert_eq!(
+            Csts {
+                rdy: true,
+                cfs: false,
+                shst: 2
+            }
+            .to_u32(),
+            0b1001
+        );
         assert_eq!(version(1, 4, 0), 0x0001_0400);
     }
 }

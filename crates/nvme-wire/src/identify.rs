@@ -181,13 +181,17 @@ pub struct IdentifyNamespace {
     pub nmic: u8,
     pub nguid: [u8; 16],
     pub eui64: [u8; 8],
-    /// log2 of the block size of LBA format 0.
+    /// log2 of the block size of the LBA format FLBAS selects (the only one modelled).
     pub lbads: u8,
 }
 
 impl IdentifyNamespace {
     pub fn block_size(&self) -> u64 {
         1u64 << self.lbads.min(63)
+    }
+    /// Index of the LBA format in use (FLBAS bits 3:0).
+    pub fn format_index(&self) -> usize {
+        (self.flbas & 0xF) as usize
     }
     pub fn to_bytes(&self) -> Box<[u8; IDENTIFY_LEN]> {
         let mut b = Box::new([0u8; IDENTIFY_LEN]);
@@ -201,7 +205,13 @@ impl IdentifyNamespace {
         b[33] = self.dlfeat;
         b[104..120].copy_from_slice(&self.nguid);
         b[120..128].copy_from_slice(&self.eui64);
-        put_u32(&mut b[..], 128, (self.lbads as u32) << 16);
+        // The format descriptor goes where FLBAS points: a host reads the block size
+        // from the selected format, not from format 0.
+        put_u32(
+            &mut b[..],
+            128 + self.format_index() * 4,
+            (self.lbads as u32) << 16,
+        );
         b
     }
     /// Decodes Identify Namespace, reading the LBA format FLBAS selects.
@@ -378,7 +388,11 @@ mod tests {
     fn lists() {
         let b = active_ns_list(&[3, 1, 2], 1);
         assert_eq!(parse_active_ns_list(&b[..]), vec![2, 3]);
-        let d = vec![NsDescriptor::Nguid([1; 16]), NsDescriptor::Uuid([2; 16]), NsDescriptor::Csi(0)];
+        let d = vec![
+            NsDescriptor::Nguid([1; 16]),
+            NsDescriptor::Uuid([2; 16]),
+            NsDescriptor::Csi(0),
+        ];
         let b = ns_descriptor_list(&d);
         assert_eq!(&b[0..4], &[2, 16, 0, 0]);
         assert_eq!(parse_ns_descriptor_list(&b[..]), d);

@@ -35,7 +35,9 @@ pub const NQN_FIELD_LEN: usize = 256;
 /// Reads a NUL-padded ASCII string field (NQN, serial, model), trimming NULs and spaces.
 pub fn read_str_field(field: &[u8]) -> String {
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-    String::from_utf8_lossy(&field[..end]).trim_end().to_string()
+    String::from_utf8_lossy(&field[..end])
+        .trim_end()
+        .to_string()
 }
 
 /// Writes `s` into `field`, truncating, padding the rest with `pad` (0 for NQNs,

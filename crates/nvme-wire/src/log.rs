@@ -270,7 +270,13 @@ mod tests {
 
     #[test]
     fn get_log_page_fields() {
-        let g = GetLogPage { lid: 0x70, lsp: 0, rae: true, len: 4096 * 1024, offset: 1024 };
+        let g = GetLogPage {
+            lid: 0x70,
+            lsp: 0,
+            rae: true,
+            len: 4096 * 1024,
+            offset: 1024,
+        };
         let mut s = Sqe::new(0x02, 1);
         g.write_sqe(&mut s);
         assert_eq!(GetLogPage::from_sqe(&s), g);
@@ -313,7 +319,12 @@ mod tests {
         let mut b = [0u8; 64];
         e.write_to(&mut b);
         assert_eq!(ErrorLogEntry::from_bytes(&b).unwrap(), e);
-        let s = SmartLog { temperature: 300, host_reads: 10, host_writes: 20, ..Default::default() };
+        let s = SmartLog {
+            temperature: 300,
+            host_reads: 10,
+            host_writes: 20,
+            ..Default::default()
+        };
         assert_eq!(SmartLog::from_bytes(&s.to_bytes()).unwrap(), s);
     }
 }

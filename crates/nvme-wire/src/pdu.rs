@@ -20,6 +20,15 @@ pub const SHORT_HLEN: usize = 24;
 pub const CMD_HLEN: usize = 72;
 /// The most header bytes a TermReq carries back.
 pub const TERM_REQ_MAX_DATA: usize = 128;
+/// The largest valid HPDA/CPDA: data aligned to at most (31+1)*4 = 128 bytes.
+pub const MAX_PDA: u8 = 31;
+
+/// Data alignment in bytes for a PDA. Values above [`MAX_PDA`] are invalid (a
+/// connection rejects them in ICReq/ICResp); they are treated as 31 so that the
+/// alignment never exceeds what the one-byte PDO and `max_plen` allow for.
+fn data_align(pda: u8) -> usize {
+    (pda.min(MAX_PDA) as usize + 1) * 4
+}
 
 pub const FLAG_HDGSTF: u8 = 1 << 0;
 pub const FLAG_DDGSTF: u8 = 1 << 1;
@@ -66,7 +75,10 @@ impl PduType {
     }
     /// Whether PDUs of this type carry digests when they are negotiated.
     pub fn digestible(self) -> bool {
-        !matches!(self, Self::ICReq | Self::ICResp | Self::H2CTermReq | Self::C2HTermReq)
+        !matches!(
+            self,
+            Self::ICReq | Self::ICResp | Self::H2CTermReq | Self::C2HTermReq
+        )
     }
 }
 
@@ -231,7 +243,9 @@ impl Pdu {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoded {
     /// The buffer holds less than a PDU; at least this many bytes (from the PDU
-    /// start) are needed. Known exactly once the common header is in.
+    /// start) are needed. Without a header digest the whole PDU length is known
+    /// once the common header is in; with one, the decoder first asks for the
+    /// header and its digest, and waits for `plen` bytes only once that matched.
     Need(usize),
     Pdu(Pdu),
 }
@@ -241,7 +255,8 @@ pub enum Decoded {
 pub struct Decoder {
     /// Digests negotiated for this connection (false until ICReq/ICResp).
     pub digest: DigestConfig,
-    /// Receiver's data alignment: data must start at a multiple of (pda+1)*4.
+    /// Receiver's data alignment: data must start at a multiple of (pda+1)*4
+    /// (0..=31; larger values act as 31).
     pub pda: u8,
     /// Largest data length accepted in one PDU.
     pub max_data: usize,
@@ -249,12 +264,19 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(max_data: usize) -> Self {
-        Decoder { digest: DigestConfig::default(), pda: 0, max_data }
+        Decoder {
+            digest: DigestConfig::default(),
+            pda: 0,
+            max_data,
+        }
     }
 
     /// The largest `plen` this decoder accepts: what a receive buffer must hold.
     pub fn max_plen(&self) -> usize {
-        (CMD_HLEN + DIGEST_LEN + 128 + self.max_data + DIGEST_LEN).max(IC_LEN)
+        // Saturating: max_data is configuration, and usize::MAX means "no limit".
+        (CMD_HLEN + DIGEST_LEN + 128 + DIGEST_LEN)
+            .saturating_add(self.max_data)
+            .max(IC_LEN)
     }
 
     /// Decodes one PDU at the start of `buf`.
@@ -270,9 +292,16 @@ impl Decoder {
         if hlen != ty.hlen() {
             return Err(PduError::field(2, "hlen does not match the PDU type"));
         }
-        let hd = if ty.digestible() && self.digest.header { DIGEST_LEN } else { 0 };
+        let hd = if ty.digestible() && self.digest.header {
+            DIGEST_LEN
+        } else {
+            0
+        };
         if ty.digestible() && (flags & FLAG_HDGSTF != 0) != self.digest.header {
-            return Err(PduError::field(1, "HDGSTF does not match the negotiated header digest"));
+            return Err(PduError::field(
+                1,
+                "HDGSTF does not match the negotiated header digest",
+            ));
         }
         let min = hlen + hd;
         match ty {
@@ -285,7 +314,7 @@ impl Decoder {
                 }
             }
             PduType::H2CTermReq | PduType::C2HTermReq => {
-                if plen < SHORT_HLEN || plen > SHORT_HLEN + TERM_REQ_MAX_DATA {
+                if !(SHORT_HLEN..=SHORT_HLEN + TERM_REQ_MAX_DATA).contains(&plen) {
                     return Err(PduError::field(4, "TermReq plen out of range"));
                 }
             }
@@ -310,24 +339,45 @@ impl Decoder {
                 }
             }
         }
+        if hd != 0 {
+            // Verify the header digest as soon as the header is in, before waiting
+            // for the rest of the PDU: a plen corrupted within the range checked
+            // above must fail as a digest error, not leave the receiver waiting for
+            // bytes that never come (Linux and SPDK also read header and digest
+            // first). Limits that the common header alone breaks fail before this.
+            if buf.len() < min {
+                return Ok(Decoded::Need(min));
+            }
+            if u32_at(buf, hlen) != crc32c(&buf[..hlen]) {
+                return Err(PduError::new(
+                    FatalError::HeaderDigestError,
+                    0,
+                    "header digest",
+                ));
+            }
+        }
         if buf.len() < plen.max(min) {
             return Ok(Decoded::Need(plen.max(min)));
         }
-        if hd != 0 {
-            let want = crc32c(&buf[..hlen]);
-            if u32_at(buf, hlen) != want {
-                return Err(PduError::new(FatalError::HeaderDigestError, 0, "header digest"));
-            }
-        }
         // Data section of PDUs that may carry data.
         let (mut data_offset, mut data_len, mut data_digest_ok) = (0, 0, true);
-        if matches!(ty, PduType::CapsuleCmd | PduType::H2CData | PduType::C2HData) && plen > min {
-            if self.pda != 0 && pdo % ((self.pda as usize + 1) * 4) != 0 {
-                return Err(PduError::field(3, "pdo violates the negotiated data alignment"));
+        if matches!(
+            ty,
+            PduType::CapsuleCmd | PduType::H2CData | PduType::C2HData
+        ) && plen > min
+        {
+            if self.pda != 0 && pdo % data_align(self.pda) != 0 {
+                return Err(PduError::field(
+                    3,
+                    "pdo violates the negotiated data alignment",
+                ));
             }
             let dd = if self.digest.data { DIGEST_LEN } else { 0 };
             if (flags & FLAG_DDGSTF != 0) != self.digest.data {
-                return Err(PduError::field(1, "DDGSTF does not match the negotiated data digest"));
+                return Err(PduError::field(
+                    1,
+                    "DDGSTF does not match the negotiated data digest",
+                ));
             }
             if plen < pdo + dd + 1 {
                 return Err(PduError::field(4, "plen leaves no room for the data"));
@@ -352,18 +402,34 @@ impl Decoder {
             PduType::ICReq | PduType::ICResp => {
                 let pfv = u16_at(h, 8);
                 let pda = h[10];
-                let digest = DigestConfig { header: h[11] & 1 != 0, data: h[11] & 2 != 0 };
+                let digest = DigestConfig {
+                    header: h[11] & 1 != 0,
+                    data: h[11] & 2 != 0,
+                };
                 let v = u32_at(h, 12);
                 if ty == PduType::ICReq {
-                    PduHeader::ICReq(IcReq { pfv, hpda: pda, digest, maxr2t: v })
+                    PduHeader::ICReq(IcReq {
+                        pfv,
+                        hpda: pda,
+                        digest,
+                        maxr2t: v,
+                    })
                 } else {
-                    PduHeader::ICResp(IcResp { pfv, cpda: pda, digest, maxh2cdata: v })
+                    PduHeader::ICResp(IcResp {
+                        pfv,
+                        cpda: pda,
+                        digest,
+                        maxh2cdata: v,
+                    })
                 }
             }
             PduType::H2CTermReq | PduType::C2HTermReq => {
                 data_offset = SHORT_HLEN;
                 data_len = plen - SHORT_HLEN;
-                let t = TermReq { fes: u16_at(h, 8), fei: u32_at(h, 10) };
+                let t = TermReq {
+                    fes: u16_at(h, 8),
+                    fei: u32_at(h, 10),
+                };
                 if ty == PduType::H2CTermReq {
                     PduHeader::H2CTermReq(t)
                 } else {
@@ -423,7 +489,8 @@ impl Decoder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Encoder {
     pub digest: DigestConfig,
-    /// The receiver's PDA: data we send starts at a multiple of (pda+1)*4.
+    /// The receiver's PDA: data we send starts at a multiple of (pda+1)*4
+    /// (0..=31; larger values act as 31, so the PDO always fits its byte).
     pub pda: u8,
 }
 
@@ -437,14 +504,22 @@ impl Encoder {
         let ty = h.pdu_type();
         let hlen = ty.hlen();
         let dig = ty.digestible();
-        let hd = if dig && self.digest.header { DIGEST_LEN } else { 0 };
-        let dd = if dig && self.digest.data && data_len > 0 { DIGEST_LEN } else { 0 };
+        let hd = if dig && self.digest.header {
+            DIGEST_LEN
+        } else {
+            0
+        };
+        let dd = if dig && self.digest.data && data_len > 0 {
+            DIGEST_LEN
+        } else {
+            0
+        };
         let mut pdo = 0usize;
         let mut plen = hlen + hd;
         if data_len > 0 {
             pdo = hlen + hd;
             if dig && self.pda != 0 {
-                let a = (self.pda as usize + 1) * 4;
+                let a = data_align(self.pda);
                 pdo = pdo.div_ceil(a) * a;
             }
             plen = pdo + data_len + dd;
@@ -535,9 +610,20 @@ impl Encoder {
 /// Builds the TermReq a receiver sends for `err` about the PDU header in `bad`
 /// (the first up to 128 bytes of the offending PDU's header).
 pub fn term_req(err: &PduError, bad: &[u8], to_host: bool, out: &mut Vec<u8>) {
-    let t = TermReq { fes: err.fes as u16, fei: err.fei };
-    let h = if to_host { PduHeader::C2HTermReq(t) } else { PduHeader::H2CTermReq(t) };
-    let hlen = if bad.len() >= 3 { (bad[2] as usize).clamp(CH_LEN, TERM_REQ_MAX_DATA) } else { 0 };
+    let t = TermReq {
+        fes: err.fes as u16,
+        fei: err.fei,
+    };
+    let h = if to_host {
+        PduHeader::C2HTermReq(t)
+    } else {
+        PduHeader::H2CTermReq(t)
+    };
+    let hlen = if bad.len() >= 3 {
+        (bad[2] as usize).clamp(CH_LEN, TERM_REQ_MAX_DATA)
+    } else {
+        0
+    };
     let n = hlen.min(bad.len());
     Encoder::default().pdu(&h, 0, &bad[..n], out);
 }
@@ -550,7 +636,11 @@ mod tests {
     fn roundtrip(enc: Encoder, h: PduHeader, flags: u8, data: &[u8]) -> (Vec<u8>, Pdu) {
         let mut out = Vec::new();
         enc.pdu(&h, flags, data, &mut out);
-        let dec = Decoder { digest: enc.digest, pda: enc.pda, max_data: 1 << 20 };
+        let dec = Decoder {
+            digest: enc.digest,
+            pda: enc.pda,
+            max_data: 1 << 20,
+        };
         match dec.decode(&out).unwrap() {
             Decoded::Pdu(p) => {
                 assert_eq!(p.header, h);
@@ -565,10 +655,22 @@ mod tests {
 
     fn all_digest_configs() -> [DigestConfig; 4] {
         [
-            DigestConfig { header: false, data: false },
-            DigestConfig { header: true, data: false },
-            DigestConfig { header: false, data: true },
-            DigestConfig { header: true, data: true },
+            DigestConfig {
+                header: false,
+                data: false,
+            },
+            DigestConfig {
+                header: true,
+                data: false,
+            },
+            DigestConfig {
+                header: false,
+                data: true,
+            },
+            DigestConfig {
+                header: true,
+                data: true,
+            },
         ]
     }
 
@@ -581,29 +683,83 @@ mod tests {
                 let e = Encoder { digest: dg, pda };
                 roundtrip(e, PduHeader::CapsuleCmd(sqe), 0, &[]);
                 roundtrip(e, PduHeader::CapsuleCmd(sqe), 0, &[7u8; 4096]);
-                roundtrip(e, PduHeader::CapsuleResp(Cqe::new(9, Status::SUCCESS)), 0, &[]);
-                let d = DataHdr { cccid: 9, ttag: 3, datao: 512, datal: 13 };
+                roundtrip(
+                    e,
+                    PduHeader::CapsuleResp(Cqe::new(9, Status::SUCCESS)),
+                    0,
+                    &[],
+                );
+                let d = DataHdr {
+                    cccid: 9,
+                    ttag: 3,
+                    datao: 512,
+                    datal: 13,
+                };
                 let (_, p) = roundtrip(e, PduHeader::H2CData(d), FLAG_LAST_PDU, &[1u8; 13]);
                 assert!(p.last_pdu());
-                let d = DataHdr { cccid: 9, ttag: 0, datao: 0, datal: 5 };
-                roundtrip(e, PduHeader::C2HData(d), FLAG_LAST_PDU | FLAG_SUCCESS, &[2u8; 5]);
-                let r = R2t { cccid: 9, ttag: 1, r2to: 0, r2tl: 65536 };
+                let d = DataHdr {
+                    cccid: 9,
+                    ttag: 0,
+                    datao: 0,
+                    datal: 5,
+                };
+                roundtrip(
+                    e,
+                    PduHeader::C2HData(d),
+                    FLAG_LAST_PDU | FLAG_SUCCESS,
+                    &[2u8; 5],
+                );
+                let r = R2t {
+                    cccid: 9,
+                    ttag: 1,
+                    r2to: 0,
+                    r2tl: 65536,
+                };
                 roundtrip(e, PduHeader::R2T(r), 0, &[]);
             }
         }
         let e = Encoder::default();
-        let ic = IcReq { pfv: 0, hpda: 0, digest: DigestConfig { header: true, data: true }, maxr2t: 0 };
+        let ic = IcReq {
+            pfv: 0,
+            hpda: 0,
+            digest: DigestConfig {
+                header: true,
+                data: true,
+            },
+            maxr2t: 0,
+        };
         roundtrip(e, PduHeader::ICReq(ic), 0, &[]);
-        let ic = IcResp { pfv: 0, cpda: 0, digest: DigestConfig::default(), maxh2cdata: 131072 };
+        let ic = IcResp {
+            pfv: 0,
+            cpda: 0,
+            digest: DigestConfig::default(),
+            maxh2cdata: 131072,
+        };
         roundtrip(e, PduHeader::ICResp(ic), 0, &[]);
-        roundtrip(e, PduHeader::C2HTermReq(TermReq { fes: 1, fei: 2 }), 0, &[0u8; 24]);
+        roundtrip(
+            e,
+            PduHeader::C2HTermReq(TermReq { fes: 1, fei: 2 }),
+            0,
+            &[0u8; 24],
+        );
     }
 
     #[test]
     fn digests_are_where_the_spec_says() {
-        let e = Encoder { digest: DigestConfig { header: true, data: true }, pda: 0 };
+        let e = Encoder {
+            digest: DigestConfig {
+                header: true,
+                data: true,
+            },
+            pda: 0,
+        };
         let mut out = Vec::new();
-        let d = DataHdr { cccid: 1, ttag: 0, datao: 0, datal: 3 };
+        let d = DataHdr {
+            cccid: 1,
+            ttag: 0,
+            datao: 0,
+            datal: 3,
+        };
         e.pdu(&PduHeader::C2HData(d), FLAG_LAST_PDU, b"abc", &mut out);
         // 24 header + 4 hdgst + 3 data + 4 ddgst
         assert_eq!(out.len(), 35);
@@ -616,7 +772,12 @@ mod tests {
     #[test]
     fn incomplete_reports_need() {
         let mut out = Vec::new();
-        Encoder::default().pdu(&PduHeader::CapsuleCmd(Sqe::new(1, 1)), 0, &[0u8; 100], &mut out);
+        Encoder::default().pdu(
+            &PduHeader::CapsuleCmd(Sqe::new(1, 1)),
+            0,
+            &[0u8; 100],
+            &mut out,
+        );
         let dec = Decoder::new(8192);
         assert_eq!(dec.decode(&out[..3]).unwrap(), Decoded::Need(8));
         assert_eq!(dec.decode(&out[..80]).unwrap(), Decoded::Need(172));
@@ -641,19 +802,37 @@ mod tests {
         assert_eq!(dec.decode(&b).unwrap_err().fei, 4);
         let mut b = out.clone();
         put_u32(&mut b, 4, 1 << 30);
-        assert_eq!(dec.decode(&b).unwrap_err().fes, FatalError::DataTransferLimitExceeded);
+        assert_eq!(
+            dec.decode(&b).unwrap_err().fes,
+            FatalError::DataTransferLimitExceeded
+        );
     }
 
     #[test]
     fn header_digest_mismatch_is_fatal_data_digest_is_not() {
-        let dg = DigestConfig { header: true, data: true };
+        let dg = DigestConfig {
+            header: true,
+            data: true,
+        };
         let e = Encoder { digest: dg, pda: 0 };
-        let dec = Decoder { digest: dg, pda: 0, max_data: 8192 };
+        let dec = Decoder {
+            digest: dg,
+            pda: 0,
+            max_data: 8192,
+        };
         let mut out = Vec::new();
-        e.pdu(&PduHeader::CapsuleCmd(Sqe::new(1, 1)), 0, &[5u8; 16], &mut out);
+        e.pdu(
+            &PduHeader::CapsuleCmd(Sqe::new(1, 1)),
+            0,
+            &[5u8; 16],
+            &mut out,
+        );
         let mut b = out.clone();
         b[72] ^= 1;
-        assert_eq!(dec.decode(&b).unwrap_err().fes, FatalError::HeaderDigestError);
+        assert_eq!(
+            dec.decode(&b).unwrap_err().fes,
+            FatalError::HeaderDigestError
+        );
         let mut b = out.clone();
         let n = b.len();
         b[n - 5] ^= 1; // a data byte

@@ -161,7 +161,12 @@ pub struct Sgl {
 impl Sgl {
     /// In-capsule data: Data Block descriptor, Offset subtype, address 0.
     pub fn in_capsule(length: u32) -> Self {
-        Sgl { address: 0, length, sgl_type: SGL_TYPE_DATA_BLOCK, subtype: SGL_SUBTYPE_OFFSET }
+        Sgl {
+            address: 0,
+            length,
+            sgl_type: SGL_TYPE_DATA_BLOCK,
+            subtype: SGL_SUBTYPE_OFFSET,
+        }
     }
     /// Data moved by the transport (R2T/H2CData or C2HData).
     pub fn transport(length: u32) -> Self {

@@ -163,10 +163,22 @@ pub struct Status {
 }
 
 impl Status {
-    pub const SUCCESS: Status = Status { sct: 0, sc: 0, crd: 0, more: false, dnr: false };
+    pub const SUCCESS: Status = Status {
+        sct: 0,
+        sc: 0,
+        crd: 0,
+        more: false,
+        dnr: false,
+    };
 
     pub const fn new(sct: u8, sc: u8) -> Self {
-        Status { sct, sc, crd: 0, more: false, dnr: false }
+        Status {
+            sct,
+            sc,
+            crd: 0,
+            more: false,
+            dnr: false,
+        }
     }
     pub const fn generic(sc: GenericStatus) -> Self {
         Self::new(0, sc as u8)

@@ -118,6 +118,12 @@ async fn concurrent_verified_io_over_several_queues_digests_on_and_off() {
         o.io_queue_depth = 32;
         let c = HostController::connect(o).await.unwrap();
         assert_eq!(c.queues().len(), 4);
+        let snap = c.snapshot();
+        assert_eq!(snap.state, CtrlrState::Enabled);
+        assert_eq!((snap.hdgst, snap.ddgst), (digests, digests));
+        assert_eq!(snap.model_number, "corral");
+        assert_eq!(snap.trid.subnqn, NQN);
+        assert_eq!(snap.namespaces.len(), 1);
         if digests {
             assert_eq!(c.max_xfer(), 128 << 10);
             assert_eq!(c.icd_max(), 8192);
@@ -400,4 +406,188 @@ async fn a_hung_connection_times_out_and_reconnects_without_failed_io() {
         c.cntlid()
     );
     c.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_changes_reach_the_host_through_async_events() {
+    init_tracing();
+    let t = Tgt::start(TransportOpts::default(), true).await;
+    let c = HostController::connect(t.opts()).await.unwrap();
+    let b1 = NvmeNsBdev::new(&c, 1, "c0n1").unwrap();
+    assert_eq!(c.namespaces().len(), 1);
+    let sub = t.tcp.as_ref().unwrap().target().subsystem(NQN).unwrap();
+    let m2 = Arc::new(MallocBdev::new("m1", 4096, 4096, None).unwrap());
+    sub.add_namespace(m2.clone(), Some(2), None, None, false)
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        while c.namespace(2).is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "namespace 2 did not appear: {:?}",
+        c.namespaces()
+    );
+    let n2 = c.namespace(2).unwrap();
+    assert_eq!((n2.block_size, n2.num_blocks), (4096, 4096));
+    let b2 = NvmeNsBdev::new(&c, 2, "c0n2").unwrap();
+    b2.write_blocks(7, &[3u8; 8192], false).await.unwrap();
+    assert!(m2.read_blocks(7, 2).await.unwrap().iter().all(|&x| x == 3));
+    // and one going away
+    sub.remove_namespace(1).unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(5), async {
+        while c.namespaces().iter().any(|n| n.nsid == 1) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "namespace 1 still listed");
+    assert_eq!(b1.read_blocks(0, 1).await.unwrap_err(), IoError::Removed);
+    assert_eq!(c.state(), CtrlrState::Enabled);
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_deletes_the_controller() {
+    init_tracing();
+    let t = Tgt::start(TransportOpts::default(), true).await;
+    let c = HostController::connect(t.opts()).await.unwrap();
+    let mut rx = c.subscribe();
+    let b = NvmeNsBdev::new(&c, 1, "c0n1").unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        *rx.borrow_and_update(),
+        CtrlrState::Enabled,
+        "the bdev still holds it"
+    );
+    drop(b);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|s| *s == CtrlrState::Deleted),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // and the target saw the connections go
+    let tcp = t.tcp.as_ref().unwrap().clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while tcp.num_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("target connections closed");
+}
+
+/// A listener that answers each connection with `icresp` (if any) and then
+/// either closes or keeps the socket open in silence.
+async fn fake_target(icresp: Option<nvme_wire::pdu::IcResp>, close_after: bool) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = [0u8; 128];
+                if s.read_exact(&mut req).await.is_err() {
+                    return;
+                }
+                if let Some(r) = icresp {
+                    let mut out = Vec::new();
+                    nvme_wire::pdu::Encoder::default().pdu(
+                        &nvme_wire::PduHeader::ICResp(r),
+                        0,
+                        &[],
+                        &mut out,
+                    );
+                    let _ = s.write_all(&out).await;
+                }
+                if close_after {
+                    return;
+                }
+                let mut sink = [0u8; 4096];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_fails_fast_and_bounded_on_bad_or_silent_peers() {
+    init_tracing();
+    let mk = |port: u16| {
+        let mut o = ControllerOpts::new(TransportId::new("127.0.0.1", &port.to_string(), NQN));
+        o.connect_timeout = Duration::from_millis(800);
+        o
+    };
+    let good = nvme_wire::pdu::IcResp {
+        pfv: 0,
+        cpda: 0,
+        digest: Default::default(),
+        maxh2cdata: 131072,
+    };
+    // maxh2cdata below 4096 is refused
+    let p = fake_target(
+        Some(nvme_wire::pdu::IcResp {
+            maxh2cdata: 1024,
+            ..good
+        }),
+        false,
+    )
+    .await;
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(
+        matches!(&e, HostError::Handshake { reason, .. } if reason.contains("maxh2cdata")),
+        "{e}"
+    );
+    // digests the host did not ask for are refused
+    let dg = nvme_wire::DigestConfig {
+        header: true,
+        data: false,
+    };
+    let p = fake_target(Some(nvme_wire::pdu::IcResp { digest: dg, ..good }), false).await;
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(matches!(e, HostError::Handshake { .. }), "{e}");
+    // a peer that never answers the ICReq, or never answers Connect: bounded by connect_timeout
+    for ic in [None, Some(good)] {
+        let p = fake_target(ic, false).await;
+        let t0 = Instant::now();
+        let e = HostController::connect(mk(p)).await.unwrap_err();
+        assert!(matches!(e, HostError::Timeout { .. }), "{e}");
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+    // a peer that closes after ICResp: fails at once
+    let p = fake_target(Some(good), true).await;
+    let t0 = Instant::now();
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(
+        matches!(e, HostError::Closed { .. } | HostError::Io { .. }),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_millis(700));
+    // nobody listening
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    drop(l);
+    let e = HostController::connect(mk(p)).await.unwrap_err();
+    assert!(matches!(e, HostError::Connect { .. }), "{e}");
+    assert!(e.is_transient());
+    // invalid options never touch the network
+    let mut o = mk(p);
+    o.ctrlr_loss_timeout_sec = 5;
+    let e = HostController::connect(o).await.unwrap_err();
+    assert!(matches!(e, HostError::Opts { .. }), "{e}");
+    assert!(!e.is_transient());
 }

@@ -81,6 +81,29 @@ pub struct QueueInfo {
     pub queued: usize,
 }
 
+/// A snapshot of a controller for introspection (the data behind SPDK's
+/// `bdev_nvme_get_controllers`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CtrlrSnapshot {
+    pub state: CtrlrState,
+    pub trid: TransportId,
+    pub cntlid: u16,
+    pub hostnqn: String,
+    pub hostid: uuid::Uuid,
+    pub serial_number: String,
+    pub model_number: String,
+    pub firmware_revision: String,
+    /// NVMe version as "major.minor.tertiary".
+    pub version: String,
+    pub hdgst: bool,
+    pub ddgst: bool,
+    /// I/O fails instead of being held (fast_io_fail expired, or `failed`).
+    pub io_failing_fast: bool,
+    pub queues: Vec<QueueInfo>,
+    pub namespaces: Vec<NamespaceInfo>,
+    pub removal: Option<Removal>,
+}
+
 /// A namespace shared with its bdevs; size can change (AER, reconnect).
 #[derive(Debug)]
 pub(crate) struct NsShared {
@@ -227,10 +250,25 @@ struct Inner {
 
 /// A connected NVMe/TCP controller. Cheap to clone; all clones are the same
 /// controller. It lives until [`HostController::disconnect`] or
-/// [`HostController::delete`] (or controller loss) ends it.
+/// [`HostController::delete`] (or controller loss) ends it, or until the last
+/// clone (namespace bdevs included) is dropped, which deletes it: a controller
+/// nobody holds is never left behind.
 #[derive(Clone)]
 pub struct HostController {
     inner: Arc<Inner>,
+    _last: Arc<LastHandle>,
+}
+
+/// Deletes the controller when the last user handle goes away.
+struct LastHandle {
+    ctl: mpsc::UnboundedSender<Ctl>,
+}
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.ctl.send(Ctl::Delete(tx));
+    }
 }
 
 impl std::fmt::Debug for HostController {
@@ -1128,7 +1166,10 @@ impl HostController {
         inner.install(&mut sess, links);
         inner.move_to(CtrlrState::Enabled);
         tokio::spawn(inner.clone().supervise(sess, ev_rx, ctl_rx));
-        Ok(HostController { inner })
+        let last = Arc::new(LastHandle {
+            ctl: inner.ctl.clone(),
+        });
+        Ok(HostController { inner, _last: last })
     }
 
     /// Submits an I/O to namespace `nsid` from any thread. `done` is called
@@ -1381,6 +1422,29 @@ impl HostController {
             })
             .collect()
     }
+    /// Everything introspection shows about the controller, in one snapshot.
+    pub fn snapshot(&self) -> CtrlrSnapshot {
+        let d = self.inner.data.read().clone();
+        let o = &self.inner.opts;
+        CtrlrSnapshot {
+            state: self.state(),
+            trid: o.trid.clone(),
+            cntlid: d.cntlid,
+            hostnqn: o.hostnqn.clone(),
+            hostid: uuid::Uuid::from_bytes(o.hostid),
+            serial_number: d.id.serial.clone(),
+            model_number: d.id.model.clone(),
+            firmware_revision: d.id.firmware.clone(),
+            version: format!("{}.{}.{}", d.vs >> 16, (d.vs >> 8) & 0xFF, d.vs & 0xFF),
+            hdgst: d.digest.header,
+            ddgst: d.digest.data,
+            io_failing_fast: self.io_failing_fast(),
+            queues: self.queues(),
+            namespaces: self.namespaces(),
+            removal: self.removal(),
+        }
+    }
+
     /// Whether `io` kinds are supported by namespace `nsid`.
     pub fn supports(&self, nsid: u32, kind: IoKind) -> bool {
         match self.namespace(nsid) {

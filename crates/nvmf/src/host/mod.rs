@@ -24,7 +24,7 @@ use std::time::Duration;
 use nvme_wire::Status;
 
 pub use self::bdev::NvmeNsBdev;
-pub use controller::{HostController, NamespaceInfo, QueueInfo, Removal};
+pub use controller::{CtrlrSnapshot, HostController, NamespaceInfo, QueueInfo, Removal};
 pub use state::CtrlrState;
 pub use tcp::IoQpair;
 
@@ -46,7 +46,7 @@ pub struct ControllerOpts {
     pub extra_io_qpairs: u16,
     /// Commands in flight per I/O queue (capped by the controller's CAP.MQES).
     pub io_queue_depth: u16,
-    /// Commands in flight on the admin queue.
+    /// Commands in flight on the admin queue (Connect SQSIZE; 31 as Linux sends).
     pub admin_queue_depth: u16,
     /// Keep Alive Timeout asked for at Connect, in ms (0 = none). Keep Alive is
     /// sent every `kato_ms / 2`.
@@ -83,7 +83,7 @@ impl ControllerOpts {
             num_io_queues: 1,
             extra_io_qpairs: 0,
             io_queue_depth: 128,
-            admin_queue_depth: 32,
+            admin_queue_depth: 31,
             kato_ms: 10_000,
             hdgst: false,
             ddgst: false,

@@ -164,18 +164,11 @@ impl CmdError {
             CmdError::Invalid(_) => Status::generic(GenericStatus::InvalidField).with_dnr(),
         }
     }
-    /// Whether resubmitting the same command may succeed (no DNR; a transport or path hiccup).
+    /// Whether resubmitting the same command may succeed: any status without
+    /// Do Not Retry (as Linux and SPDK retry them), or a transport hiccup.
     pub fn retryable(&self) -> bool {
         match self {
-            CmdError::Status(c) => {
-                let s = c.status;
-                !s.dnr
-                    && (s.sct == 3
-                        || (s.sct == 0
-                            && (s.sc == GenericStatus::TransientTransportError as u8
-                                || s.sc == GenericStatus::NamespaceNotReady as u8
-                                || s.sc == GenericStatus::CommandInterrupted as u8)))
-            }
+            CmdError::Status(c) => !c.status.dnr,
             CmdError::DataDigest | CmdError::ShortData { .. } | CmdError::ConnectionLost => true,
             CmdError::Invalid(_) => false,
         }
@@ -381,6 +374,10 @@ impl<C> QueueCore<C> {
     /// Requests accepted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.active_reqs
+    }
+    /// How many more requests [`QueueCore::submit`] would accept.
+    pub fn free_requests(&self) -> usize {
+        self.free_reqs.len()
     }
     /// Whether [`QueueCore::submit`] would accept another request.
     pub fn has_room(&self) -> bool {
@@ -1910,5 +1907,93 @@ mod tests {
         );
         let back = q.into_requests();
         assert_eq!(back.iter().map(|r| r.ctx).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A queue with reads, writes (R2T) and a flush in flight, and a valid
+        /// controller byte stream answering them, to mutate.
+        fn busy_queue(d: DigestConfig) -> (Q, Vec<u8>) {
+            let mut q = Q::new(cfg(d));
+            let mut done = Vec::new();
+            let reqs = [
+                (io(IoKind::Read, 0, 16), IoBuf::zeroed(8192)),
+                (io(IoKind::Write, 0, 64), pattern(32768, 1)),
+                (io(IoKind::Flush, 0, 0), IoBuf::empty()),
+            ];
+            for (i, (c, b)) in reqs.into_iter().enumerate() {
+                q.submit(Request::new(Command::Io(c), b, i as u32), now(), &mut done)
+                    .unwrap();
+            }
+            let sent = pdus(d, &drain_tx(&mut q, &mut done));
+            let cids: Vec<u16> = sent.iter().map(|(p, _)| sqe_of(p).cid()).collect();
+            let mut rx = c2h(d, cids[0], 0, &[5u8; 8192], true);
+            rx.extend(resp(d, cids[0], Status::SUCCESS));
+            rx.extend(r2t(d, cids[1], 1, 0, 32768));
+            rx.extend(resp(d, cids[2], Status::SUCCESS));
+            (q, rx)
+        }
+
+        fn run(q: &mut Q, bytes: &[u8], cuts: &[usize]) {
+            let mut done = Vec::new();
+            let mut pending: Vec<u8> = Vec::new();
+            let mut pos = 0;
+            for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
+                let c = c.min(bytes.len()).max(pos);
+                pending.extend_from_slice(&bytes[pos..c]);
+                pos = c;
+                match q.on_bytes(&pending, &mut done) {
+                    Ok(n) => {
+                        pending.drain(..n);
+                    }
+                    Err(e) => {
+                        let _ = e.term_req();
+                        return;
+                    }
+                }
+                // the send side keeps working whatever came in
+                let _ = drain_tx_lenient(q, &mut done);
+                let _ = q.check_timeouts(now());
+            }
+        }
+
+        fn drain_tx_lenient(q: &mut Q, done: &mut Vec<Done<u32>>) -> usize {
+            let mut total = 0;
+            while q.tx_pending() {
+                let mut iov = [IoSlice::new(&[]); 8];
+                let n = q.tx_iovecs(&mut iov);
+                let sent: usize = iov[..n].iter().map(|s| s.len()).sum();
+                q.tx_advance(sent, done);
+                total += sent;
+            }
+            total
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600),
+                                           cuts in proptest::collection::vec(0usize..600, 0..6),
+                                           h in any::<bool>(), dd in any::<bool>()) {
+                let (mut q, _) = busy_queue(dg(h, dd));
+                run(&mut q, &bytes, &cuts);
+            }
+
+            #[test]
+            fn mutated_valid_streams_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+                                                 cuts in proptest::collection::vec(0usize..9000, 0..6),
+                                                 h in any::<bool>(), dd in any::<bool>()) {
+                let (mut q, mut rx) = busy_queue(dg(h, dd));
+                for (at, x) in flips {
+                    let n = rx.len();
+                    rx[at % n] ^= x;
+                }
+                run(&mut q, &rx, &cuts);
+                let _ = q.into_requests();
+            }
+        }
     }
 }

@@ -615,13 +615,26 @@ impl<C: QueueCtx> QueueShared<C> {
         self.notify.notify_one();
     }
 
-    /// Moves queued requests into the core while it has room.
-    fn pull(&self, st: &mut LinkState<C>, now: Instant) {
-        let mut g = self.inbox.lock();
-        while st.core.has_room() {
-            let Some(r) = g.q.pop_front() else { break };
+    /// Moves queued requests into the core while it has room. The lock is held
+    /// only to move them out (into `scratch`, reused), not while they are encoded.
+    fn pull(&self, st: &mut LinkState<C>, scratch: &mut VecDeque<Request<C>>, now: Instant) {
+        let room = st.core.free_requests();
+        if room == 0 {
+            return;
+        }
+        {
+            let mut g = self.inbox.lock();
+            let n = room.min(g.q.len());
+            scratch.extend(g.q.drain(..n));
+        }
+        while let Some(r) = scratch.pop_front() {
             if let Err(r) = st.core.submit(r, now, &mut st.done) {
-                g.q.push_front(r);
+                // Cannot happen (room was counted); keep the request anyway.
+                scratch.push_front(r);
+                let mut g = self.inbox.lock();
+                while let Some(r) = scratch.pop_back() {
+                    g.q.push_front(r);
+                }
                 break;
             }
         }
@@ -649,6 +662,7 @@ pub(crate) struct QueueFailed {
 fn deliver<C: QueueCtx>(
     st: &mut LinkState<C>,
     scratch: &mut Vec<Done<C>>,
+    delayed: &mut VecDeque<(Instant, Request<C>)>,
     retries: u8,
     now: Instant,
 ) {
@@ -660,14 +674,39 @@ fn deliver<C: QueueCtx>(
                     let mut req = d.req;
                     req.attempts += 1;
                     tracing::debug!(qid = st.core.config().qid, error = %e, attempt = req.attempts, "retrying I/O");
-                    if let Err(req) = st.core.submit(req, now, &mut st.done) {
-                        C::finish(req, Err(e));
-                    }
+                    // A short pause: an error that comes with a controller or
+                    // connection going away is then usually followed by the
+                    // link failing, and the request is held for the reconnect.
+                    let wait = Duration::from_millis((2u64 << req.attempts).min(100));
+                    delayed.push_back((now + wait, req));
                 }
                 result => C::finish(d.req, result),
             }
         }
     }
+}
+
+/// Resubmits retries whose pause is over; returns when the next one is due.
+fn release_due<C>(
+    st: &mut LinkState<C>,
+    delayed: &mut VecDeque<(Instant, Request<C>)>,
+    now: Instant,
+) -> Option<Instant> {
+    let mut next: Option<Instant> = None;
+    for _ in 0..delayed.len() {
+        let Some((due, req)) = delayed.pop_front() else {
+            break;
+        };
+        if due <= now && st.core.has_room() {
+            if let Err(req) = st.core.submit(req, now, &mut st.done) {
+                delayed.push_back((due, req));
+            }
+        } else {
+            next = Some(next.map_or(due, |n| n.min(due)));
+            delayed.push_back((due, req));
+        }
+    }
+    next
 }
 
 /// The task behind one queue of a controller: takes requests from `shared`,
@@ -682,17 +721,29 @@ pub(crate) async fn run_queue<C: QueueCtx>(
 ) -> QueueExit {
     let qid = link.qid();
     let mut scratch = Vec::with_capacity(64);
+    let mut incoming = VecDeque::with_capacity(link.st.core.config().max_requests as usize);
+    let mut delayed: VecDeque<(Instant, Request<C>)> = VecDeque::new();
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut now = Instant::now();
     let mut last_check = now;
     let res: Result<(), LinkError> = loop {
         let stop = shared.stop.load(Ordering::Acquire);
-        if stop == STOP || (stop == DRAIN && link.st.core.in_flight() == 0 && shared.queued() == 0)
+        if stop == STOP
+            || (stop == DRAIN
+                && link.st.core.in_flight() == 0
+                && delayed.is_empty()
+                && shared.queued() == 0)
         {
             break Ok(());
         }
-        shared.pull(&mut link.st, now);
+        let next_retry = if delayed.is_empty() {
+            None
+        } else {
+            release_due(&mut link.st, &mut delayed, now)
+        };
+        shared.pull(&mut link.st, &mut incoming, now);
         if now.duration_since(last_check) >= TICK {
             last_check = now;
             if let Err(e) = link.st.core.check_timeouts(now) {
@@ -702,7 +753,7 @@ pub(crate) async fn run_queue<C: QueueCtx>(
         if let Err(e) = link.st.flush(link.fd.get_ref()) {
             break Err(e.into());
         }
-        deliver(&mut link.st, &mut scratch, retries, now);
+        deliver(&mut link.st, &mut scratch, &mut delayed, retries, now);
         if link.st.core.tx_pending() && !link.st.tx_blocked {
             continue;
         }
@@ -727,20 +778,22 @@ pub(crate) async fn run_queue<C: QueueCtx>(
             },
             _ = shared.notify.notified() => Ok(()),
             _ = tick.tick() => st.core.check_timeouts(Instant::now()).map_err(LinkError::from),
+            _ = tokio::time::sleep_until(next_retry.map(tokio::time::Instant::from_std).unwrap_or_else(far)), if next_retry.is_some() => Ok(()),
         };
         now = Instant::now();
         if let Err(e) = r {
             break Err(e);
         }
-        deliver(&mut link.st, &mut scratch, retries, now);
+        deliver(&mut link.st, &mut scratch, &mut delayed, retries, now);
     };
-    deliver(&mut link.st, &mut scratch, retries, now);
+    deliver(&mut link.st, &mut scratch, &mut delayed, retries, now);
     if let Err(e) = &res {
         link.send_term_req(e);
     }
     let Link { fd, st } = link;
     drop(fd);
-    let unfinished = st.core.into_requests();
+    let mut unfinished = st.core.into_requests();
+    unfinished.extend(delayed.into_iter().map(|(_, r)| r));
     if C::HOLD {
         shared.requeue_front(unfinished);
     } else {
