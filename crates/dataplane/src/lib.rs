@@ -48,7 +48,11 @@ pub struct Dataplane {
     /// Set by nvmf_create_transport (SPDK requires a transport before listeners).
     transport_created: AtomicBool,
     reactor: Mutex<Option<Arc<Reactor>>>,
+    /// NBD servers by listen address.
+    pub nbd: Mutex<std::collections::BTreeMap<std::net::SocketAddr, Arc<nbd::NbdServer>>>,
     pub started: Instant,
+    /// Unix seconds at start: with the pid, identifies this dataplane instance.
+    pub started_unix: u64,
     _lock: std::fs::File,
 }
 
@@ -94,7 +98,12 @@ impl Dataplane {
             state_dir: state_dir.to_path_buf(),
             transport_created: AtomicBool::new(false),
             reactor: Mutex::new(None),
+            nbd: Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             _lock: lock,
         }))
     }
@@ -121,6 +130,11 @@ impl Dataplane {
     /// controllers, flush file bdevs. In-flight I/O completes first (connections
     /// drain before closing).
     pub async fn shutdown(&self) {
+        let servers: Vec<_> = self.nbd.lock().values().cloned().collect();
+        for s in servers {
+            // Drains each connection's requests in flight before closing it.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(15), s.shutdown()).await;
+        }
         self.tcp.shutdown();
         // Give connections a moment to flush responses of in-flight commands.
         for _ in 0..50 {

@@ -2,6 +2,7 @@
 //! codes where SPDK has the method; `corral_` methods otherwise.
 
 mod bdev_methods;
+mod nbd_methods;
 mod nvme_methods;
 mod nvmf_methods;
 
@@ -43,6 +44,10 @@ pub const METHODS: &[&str] = &[
     "nvmf_get_subsystems",
     "nvmf_subsystem_get_controllers",
     "nvmf_subsystem_get_qpairs",
+    "corral_dataplane_info",
+    "corral_nbd_start",
+    "corral_nbd_stop",
+    "corral_nbd_list",
 ];
 
 /// Parses `params` into `T`; absent params read as `{}`. Errors name the field.
@@ -103,9 +108,16 @@ async fn dispatch(dp: &Arc<Dataplane>, method: &str, p: Value) -> Result<Value, 
         "nvmf_get_subsystems" => nvmf_methods::get_subsystems(dp, p),
         "nvmf_subsystem_get_controllers" => nvmf_methods::get_controllers(dp, p),
         "nvmf_subsystem_get_qpairs" => nvmf_methods::get_qpairs(dp, p),
-        _ => Err(RpcError::new(
-            crate::rpc::code::METHOD_NOT_FOUND,
-            "Method not found",
-        )),
+        "corral_dataplane_info" => Ok(json!({
+            "pid": std::process::id(),
+            "started": dp.started_unix,
+            "uptime_secs": dp.started.elapsed().as_secs(),
+            "state_dir": dp.state_dir,
+            "version": env!("CARGO_PKG_VERSION"),
+        })),
+        "corral_nbd_start" => nbd_methods::start(dp, p).await,
+        "corral_nbd_stop" => nbd_methods::stop(dp, p).await,
+        "corral_nbd_list" => nbd_methods::list(dp, p),
+        _ => Err(RpcError::new(crate::rpc::code::METHOD_NOT_FOUND, "Method not found")),
     }
 }
