@@ -4,7 +4,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,6 +185,7 @@ pub struct Proxy {
     pub port: u16,
     up: Arc<AtomicBool>,
     frozen: Arc<AtomicBool>,
+    corrupt: Arc<AtomicUsize>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -193,6 +194,7 @@ async fn relay(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     frozen: Arc<AtomicBool>,
+    corrupt: Option<Arc<AtomicUsize>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 256 << 10];
@@ -207,6 +209,13 @@ async fn relay(
         while frozen.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Flip one byte in the middle of a large chunk (most likely data).
+        if let Some(c) = &corrupt {
+            if n >= 8192 && c.load(Ordering::SeqCst) > 0 {
+                c.fetch_sub(1, Ordering::SeqCst);
+                buf[n / 2] ^= 0x5A;
+            }
+        }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
@@ -220,8 +229,10 @@ impl Proxy {
         let port = l.local_addr().unwrap().port();
         let up = Arc::new(AtomicBool::new(true));
         let frozen = Arc::new(AtomicBool::new(false));
+        let corrupt = Arc::new(AtomicUsize::new(0));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (u2, c2, f2) = (up.clone(), conns.clone(), frozen.clone());
+        let k2 = corrupt.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((down, _)) = l.accept().await else {
@@ -233,6 +244,7 @@ impl Proxy {
                 }
                 let upstream = upstream.clone();
                 let f = f2.clone();
+                let k = k2.clone();
                 c2.lock().push(tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(&upstream).await else {
                         return;
@@ -242,7 +254,7 @@ impl Proxy {
                     let (dr, dw) = down.into_split();
                     let (ur, uw) = up.into_split();
                     // Both directions live in this task: aborting it closes both sockets.
-                    tokio::join!(relay(dr, uw, f.clone()), relay(ur, dw, f));
+                    tokio::join!(relay(dr, uw, f.clone(), None), relay(ur, dw, f, Some(k)));
                 }));
             }
         });
@@ -250,6 +262,7 @@ impl Proxy {
             port,
             up,
             frozen,
+            corrupt,
             conns,
             accept,
         }
@@ -269,6 +282,13 @@ impl Proxy {
     /// Stops moving bytes on every connection, old and new, without closing any.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
+    }
+    /// Flips a byte in each of the next `n` large chunks the target sends.
+    pub fn corrupt(&self, n: usize) {
+        self.corrupt.store(n, Ordering::SeqCst);
+    }
+    pub fn corruptions_left(&self) -> usize {
+        self.corrupt.load(Ordering::SeqCst)
     }
     /// Moves bytes again.
     pub fn thaw(&self) {
