@@ -442,11 +442,11 @@ impl Agent {
             Observed::Differs(why) => {
                 self.stop_frontend(&spec.volume).await?;
                 self.call("bdev_raid_delete", json!({"name": raid})).await.map_err(|e| StepError::new(format!("delete raid {raid}"), e))?;
-                self.create_raid(&raid, &want_members).await?;
+                self.create_raid(&raid, naming::raid_uuid(&spec.volume, spec.epoch), &want_members).await?;
                 ev.push(step("raid", &raid, "replaced", &why));
             }
             Observed::Absent => {
-                self.create_raid(&raid, &want_members).await?;
+                self.create_raid(&raid, naming::raid_uuid(&spec.volume, spec.epoch), &want_members).await?;
                 ev.push(step("raid", &raid, "created", &format!("over {}", want_members.join(", "))));
             }
         }
@@ -465,10 +465,10 @@ impl Agent {
         Ok(st)
     }
 
-    async fn create_raid(&self, raid: &str, members: &[String]) -> StepResult<()> {
+    async fn create_raid(&self, raid: &str, uuid: uuid::Uuid, members: &[String]) -> StepResult<()> {
         self.call(
             "bdev_raid_create",
-            json!({"name": raid, "raid_level": "raid1", "strip_size_kb": 0, "base_bdevs": members}),
+            json!({"name": raid, "raid_level": "raid1", "strip_size_kb": 0, "base_bdevs": members, "uuid": uuid}),
         )
         .await
         .map_err(|e| StepError::new(format!("create raid {raid}"), e))?;
@@ -678,7 +678,8 @@ impl Agent {
             .into_iter()
             .flatten()
             .map(|r| RaidRecord {
-                raid: r["raid"].as_str().or(r["name"].as_str()).unwrap_or("").to_string(),
+                raid: r["name"].as_str().unwrap_or("").to_string(),
+                uuid: r["uuid"].as_str().unwrap_or("").to_string(),
                 members: record_members(r),
             })
             .collect();
@@ -813,11 +814,15 @@ impl Agent {
 fn raid_members(e: &Value) -> Vec<MemberStatus> {
     let mut out = Vec::new();
     for b in e["base_bdevs_list"].as_array().into_iter().flatten() {
-        let Some(n) = b["name"].as_str() else { continue };
+        // corral's raid keeps the name of a member that left in `member`.
+        let Some(n) = b["member"].as_str().or(b["name"].as_str()) else { continue };
         let replica = n.strip_suffix("n1").unwrap_or(n).to_string();
         let state = b["state"].as_str().map(String::from).unwrap_or_else(|| {
             if b["is_configured"].as_bool().unwrap_or(false) { "online".into() } else { "out_of_sync".into() }
         });
+        if state == "empty" {
+            continue;
+        }
         out.push(MemberStatus { replica, state, reason: b["reason"].as_str().map(String::from) });
     }
     out

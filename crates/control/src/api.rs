@@ -102,6 +102,7 @@ pub struct EngineStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaidRecord {
     pub raid: String,
+    pub uuid: String,
     pub members: Vec<MemberStatus>,
 }
 

@@ -75,7 +75,7 @@ pub fn raid_view(entry: &Value) -> RaidView {
             members.push(n.to_string());
             let configured = b["is_configured"].as_bool().unwrap_or(false);
             let st = b["state"].as_str().unwrap_or("online");
-            if configured && (st == "online" || st == "configured") {
+            if configured && st == "online" {
                 operational.push(n.to_string());
             }
         }

@@ -337,7 +337,9 @@ impl Manager {
                     }
                 }
             }
-            for rec in st.raid_records.iter().filter(|r| r.raid == naming::raid_name(&v.name)) {
+            // Only this epoch's record: older ones describe engines that are gone.
+            let uuid = naming::raid_uuid(&v.name, v.epoch).to_string();
+            for rec in st.raid_records.iter().filter(|r| r.raid == naming::raid_name(&v.name) && r.uuid == uuid) {
                 for m in &rec.members {
                     if m.state != "online" && m.state != "rebuilding" {
                         dropped.push((m.replica.clone(), m.reason.clone().unwrap_or_else(|| m.state.clone())));

@@ -63,6 +63,27 @@ pub fn raid_name(volume: &str) -> String {
     volume.to_string()
 }
 
+/// The raid's UUID for one engine epoch: re-creating the raid within the same
+/// epoch (a retry, an adoption) finds its durable member record again; a new
+/// epoch starts a new record.
+pub fn raid_uuid(volume: &str, epoch: u64) -> uuid::Uuid {
+    // FNV-1a over the name and epoch, twice with different seeds, for 128 bits.
+    let h = |seed: u64| {
+        let mut x = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+        for b in volume.bytes().chain(epoch.to_le_bytes()) {
+            x ^= b as u64;
+            x = x.wrapping_mul(0x0100_0000_01b3);
+        }
+        x
+    };
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&h(1).to_le_bytes());
+    b[8..].copy_from_slice(&h(2).to_le_bytes());
+    b[6] = (b[6] & 0x0f) | 0x80; // version 8 (custom)
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    uuid::Uuid::from_bytes(b)
+}
+
 /// The lvol alias `<lvstore>/<replica>` SPDK-style.
 pub fn lvol_alias(disk: &str, replica: &str) -> String {
     format!("{disk}/{replica}")
@@ -97,6 +118,8 @@ mod tests {
         assert_eq!(replica_volume("not-a-replica"), None);
         assert_eq!(engine_ns_bdev("v-r0123abcd"), "v-r0123abcdn1");
         assert!(engine_hostnqn(&"v".repeat(63), u64::MAX).len() <= 223);
+        assert_eq!(raid_uuid("v", 3), raid_uuid("v", 3));
+        assert_ne!(raid_uuid("v", 3), raid_uuid("v", 4));
     }
 
     #[test]

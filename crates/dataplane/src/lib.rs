@@ -44,6 +44,7 @@ pub struct Dataplane {
     pub target: Arc<Target>,
     pub tcp: Arc<TcpTarget>,
     pub nvme: Arc<nvme::NvmeModule>,
+    pub raid: Arc<raid::RaidModule>,
     pub state_dir: PathBuf,
     /// Set by nvmf_create_transport (SPDK requires a transport before listeners).
     transport_created: AtomicBool,
@@ -90,7 +91,9 @@ impl Dataplane {
         let registry = BdevRegistry::new();
         let target = Target::new(TransportOpts::default());
         let tcp = TcpTarget::new(target.clone());
+        let raid = raid::RaidModule::new(registry.clone(), state_dir, raid::RaidOpts::default()).map_err(sd)?;
         Ok(Arc::new(Dataplane {
+            raid,
             nvme: nvme::NvmeModule::new(registry.clone()),
             registry,
             target,

@@ -3,6 +3,7 @@
 
 mod bdev_methods;
 mod nbd_methods;
+mod raid_methods;
 mod nvme_methods;
 mod nvmf_methods;
 
@@ -44,6 +45,13 @@ pub const METHODS: &[&str] = &[
     "nvmf_get_subsystems",
     "nvmf_subsystem_get_controllers",
     "nvmf_subsystem_get_qpairs",
+    "bdev_raid_create",
+    "bdev_raid_delete",
+    "bdev_raid_get_bdevs",
+    "bdev_raid_add_base_bdev",
+    "bdev_raid_remove_base_bdev",
+    "corral_raid_set_rebuild_bandwidth",
+    "corral_raid_get_records",
     "corral_dataplane_info",
     "corral_nbd_start",
     "corral_nbd_stop",
@@ -108,6 +116,13 @@ async fn dispatch(dp: &Arc<Dataplane>, method: &str, p: Value) -> Result<Value, 
         "nvmf_get_subsystems" => nvmf_methods::get_subsystems(dp, p),
         "nvmf_subsystem_get_controllers" => nvmf_methods::get_controllers(dp, p),
         "nvmf_subsystem_get_qpairs" => nvmf_methods::get_qpairs(dp, p),
+        "bdev_raid_create" => raid_methods::create(dp, p).await,
+        "bdev_raid_delete" => raid_methods::delete(dp, p).await,
+        "bdev_raid_get_bdevs" => raid_methods::get_bdevs(dp, p),
+        "bdev_raid_add_base_bdev" => raid_methods::add_base_bdev(dp, p).await,
+        "bdev_raid_remove_base_bdev" => raid_methods::remove_base_bdev(dp, p).await,
+        "corral_raid_set_rebuild_bandwidth" => raid_methods::set_bandwidth(dp, p),
+        "corral_raid_get_records" => raid_methods::get_records(dp, p),
         "corral_dataplane_info" => Ok(json!({
             "pid": std::process::id(),
             "started": dp.started_unix,
