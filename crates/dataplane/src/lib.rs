@@ -45,6 +45,8 @@ pub struct Dataplane {
     pub tcp: Arc<TcpTarget>,
     pub nvme: Arc<nvme::NvmeModule>,
     pub raid: Arc<raid::RaidModule>,
+    /// Loaded lvstores (the replica store).
+    pub lvol: lvol::Lvstores,
     pub state_dir: PathBuf,
     /// Set by nvmf_create_transport (SPDK requires a transport before listeners).
     transport_created: AtomicBool,
@@ -94,6 +96,7 @@ impl Dataplane {
         let raid = raid::RaidModule::new(registry.clone(), state_dir, raid::RaidOpts::default()).map_err(sd)?;
         Ok(Arc::new(Dataplane {
             raid,
+            lvol: lvol::Lvstores::new(),
             nvme: nvme::NvmeModule::new(registry.clone()),
             registry,
             target,

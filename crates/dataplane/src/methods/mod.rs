@@ -2,6 +2,7 @@
 //! codes where SPDK has the method; `corral_` methods otherwise.
 
 mod bdev_methods;
+mod lvol_methods;
 mod nbd_methods;
 mod raid_methods;
 mod nvme_methods;
@@ -45,6 +46,19 @@ pub const METHODS: &[&str] = &[
     "nvmf_get_subsystems",
     "nvmf_subsystem_get_controllers",
     "nvmf_subsystem_get_qpairs",
+    "bdev_lvol_create_lvstore",
+    "bdev_lvol_get_lvstores",
+    "bdev_lvol_delete_lvstore",
+    "bdev_lvol_create",
+    "bdev_lvol_resize",
+    "bdev_lvol_delete",
+    "bdev_lvol_snapshot",
+    "bdev_lvol_clone",
+    "bdev_lvol_get_lvols",
+    "corral_lvol_load_lvstore",
+    "corral_lvol_revert",
+    "corral_lvol_get_fragmap",
+    "corral_lvol_get_checksum",
     "bdev_raid_create",
     "bdev_raid_delete",
     "bdev_raid_get_bdevs",
@@ -85,6 +99,18 @@ impl Handler for Methods {
     }
 }
 
+/// Runs a method that does blocking file I/O (fsync) off the I/O threads.
+async fn blocking(
+    dp: &Arc<Dataplane>,
+    p: Value,
+    f: fn(&Arc<Dataplane>, Value) -> Result<Value, RpcError>,
+) -> Result<Value, RpcError> {
+    let dp = dp.clone();
+    tokio::task::spawn_blocking(move || f(&dp, p))
+        .await
+        .unwrap_or_else(|e| Err(RpcError::new(crate::rpc::code::INTERNAL_ERROR, format!("method panicked: {e}"))))
+}
+
 async fn dispatch(dp: &Arc<Dataplane>, method: &str, p: Value) -> Result<Value, RpcError> {
     match method {
         "spdk_get_version" => Ok(json!({
@@ -116,6 +142,19 @@ async fn dispatch(dp: &Arc<Dataplane>, method: &str, p: Value) -> Result<Value, 
         "nvmf_get_subsystems" => nvmf_methods::get_subsystems(dp, p),
         "nvmf_subsystem_get_controllers" => nvmf_methods::get_controllers(dp, p),
         "nvmf_subsystem_get_qpairs" => nvmf_methods::get_qpairs(dp, p),
+        "bdev_lvol_create_lvstore" => blocking(dp, p, lvol_methods::create_lvstore).await,
+        "bdev_lvol_get_lvstores" => blocking(dp, p, lvol_methods::get_lvstores).await,
+        "bdev_lvol_delete_lvstore" => blocking(dp, p, lvol_methods::delete_lvstore).await,
+        "bdev_lvol_create" => blocking(dp, p, lvol_methods::create).await,
+        "bdev_lvol_resize" => blocking(dp, p, lvol_methods::resize).await,
+        "bdev_lvol_delete" => blocking(dp, p, lvol_methods::delete).await,
+        "bdev_lvol_snapshot" => blocking(dp, p, lvol_methods::snapshot).await,
+        "bdev_lvol_clone" => blocking(dp, p, lvol_methods::clone).await,
+        "bdev_lvol_get_lvols" => blocking(dp, p, lvol_methods::get_lvols).await,
+        "corral_lvol_load_lvstore" => blocking(dp, p, lvol_methods::load_lvstore).await,
+        "corral_lvol_revert" => blocking(dp, p, lvol_methods::revert).await,
+        "corral_lvol_get_fragmap" => blocking(dp, p, lvol_methods::fragmap).await,
+        "corral_lvol_get_checksum" => blocking(dp, p, lvol_methods::checksum).await,
         "bdev_raid_create" => raid_methods::create(dp, p).await,
         "bdev_raid_delete" => raid_methods::delete(dp, p).await,
         "bdev_raid_get_bdevs" => raid_methods::get_bdevs(dp, p),

@@ -1,0 +1,194 @@
+//! A cluster on loopback for control-plane tests: real `corral dataplane`
+//! processes, agents and a manager (in this process, or as processes).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control::agent::{Agent, AgentConfig};
+use control::manager::{Manager, ManagerConfig};
+use control::model::*;
+use control::store::Store;
+
+/// The corral binary: CORRAL_BIN, else the newest of target/{release,debug}/corral.
+pub fn corral_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CORRAL_BIN") {
+        return p.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut c: Vec<PathBuf> = ["target/release/corral", "target/debug/corral"].iter().map(|p| root.join(p)).filter(|p| p.exists()).collect();
+    c.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    c.pop().expect("build the corral binary first (cargo build -p corral)")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A unique loopback /24 per test process and name, so tests never share addresses.
+pub fn subnet(tag: u8) -> String {
+    let pid = std::process::id();
+    format!("127.{}.{}", 20 + (tag % 200), (pid % 250) as u8 + 1)
+}
+
+pub struct DpProc {
+    pub child: Option<Child>,
+    pub sock: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl DpProc {
+    pub fn start(dir: &Path) -> DpProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let sock = dir.join("rpc.sock");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log")).unwrap();
+        let child = Command::new(corral_bin())
+            .args(["dataplane", "--threads", "2", "--rpc-socket"])
+            .arg(&sock)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !sock.exists() && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        DpProc { child: Some(child), sock, dir: dir.to_path_buf() }
+    }
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+    pub fn restart(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_file(&self.sock);
+        *self = DpProc::start(&self.dir.clone());
+    }
+}
+
+impl Drop for DpProc {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.kill9();
+    }
+}
+
+pub struct NodeH {
+    pub name: String,
+    pub address: String,
+    pub dp: DpProc,
+    pub agent: Arc<Agent>,
+    pub agent_task: tokio::task::JoinHandle<()>,
+    pub listen: SocketAddr,
+    pub disk: PathBuf,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeH>,
+    pub manager: Arc<Manager>,
+    pub manager_task: tokio::task::JoinHandle<()>,
+}
+
+pub fn agent_config(name: &str, address: &str, sock: &Path, disk: &Path, listen: SocketAddr) -> AgentConfig {
+    AgentConfig {
+        node: name.into(),
+        address: address.into(),
+        rpc_socket: sock.to_path_buf(),
+        listen,
+        disks: vec![("disk0".into(), disk.to_path_buf())],
+        nvmf_port: 4420,
+        nbd_port: 10809,
+        frontend_port: 4430,
+        orphan_grace: Duration::from_secs(3600),
+    }
+}
+
+pub fn start_agent(cfg: AgentConfig) -> (Arc<Agent>, tokio::task::JoinHandle<()>) {
+    let a = Agent::new(cfg);
+    let a2 = a.clone();
+    let t = tokio::spawn(async move {
+        let _ = control::agent_http::serve(a2, std::future::pending()).await;
+    });
+    (a, t)
+}
+
+impl Cluster {
+    pub async fn start(n: usize, tag: u8) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let net = subnet(tag);
+        let store = Store::open(&dir.path().join("manager.redb")).unwrap();
+        let cfg = ManagerConfig { knobs: control::api::Knobs { ctrlr_loss_timeout_sec: 4, reconnect_delay_sec: 1, fast_io_fail_timeout_sec: 2 }, tick: Duration::from_millis(300), node_timeout: Duration::from_secs(5) };
+        let manager = Manager::new(store, cfg);
+        let m2 = manager.clone();
+        let manager_task = tokio::spawn(async move { m2.run().await });
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let name = format!("node{i}");
+            let address = format!("{net}.{i}");
+            let nd = dir.path().join(&name);
+            let dp = DpProc::start(&nd);
+            let disk = nd.join("disk0");
+            let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let (agent, agent_task) = start_agent(agent_config(&name, &address, &dp.sock, &disk, listen));
+            manager.register_node(&name, &format!("http://{listen}"), &address).unwrap();
+            nodes.push(NodeH { name, address, dp, agent, agent_task, listen, disk });
+        }
+        let c = Cluster { dir, nodes, manager, manager_task };
+        c.wait("nodes ready", Duration::from_secs(20), |m| m.nodes().map(|ns| ns.iter().all(|n| n.ready && n.disks.iter().all(|d| d.ready))).unwrap_or(false)).await;
+        c
+    }
+
+    pub async fn wait(&self, what: &str, t: Duration, f: impl Fn(&Manager) -> bool) {
+        let t0 = Instant::now();
+        while t0.elapsed() < t {
+            if f(&self.manager) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let vols = self.manager.volumes().unwrap_or_default();
+        let evs = self.manager.events_since(0).unwrap_or_default();
+        let tail: Vec<String> = evs.iter().rev().take(25).rev().map(|e| format!("{} {} {}: {}", e.kind, e.object, e.reason, e.message)).collect();
+        panic!("timed out after {t:?} waiting for {what}\nvolumes: {vols:#?}\nevents:\n{}", tail.join("\n"));
+    }
+
+    pub async fn wait_state(&self, vol: &str, st: VolumeState, t: Duration) -> Volume {
+        self.wait(&format!("{vol} {st:?}"), t, |m| m.volume(vol).map(|v| v.state == st).unwrap_or(false)).await;
+        self.manager.volume(vol).unwrap()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.manager.events_since(0).unwrap()
+    }
+}
+
+/// qemu-io against an NBD URI; Ok(output) when every command succeeded and verified.
+pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<String, String> {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri);
+    let o = c.output().map_err(|e| format!("qemu-io: {e}"))?;
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed") {
+        Ok(out)
+    } else {
+        Err(out)
+    }
+}
