@@ -782,6 +782,9 @@ pub(crate) async fn run_queue<C: QueueCtx>(
                 Ok(true) => {
                     now = Instant::now();
                     deliver(&mut link.st, &mut scratch, &mut delayed, retries, now);
+                    // This path skips the awaits below: take part in tokio's
+                    // cooperative budget so that other tasks still run.
+                    tokio::task::consume_budget().await;
                     continue;
                 }
                 Ok(false) => {}
