@@ -40,7 +40,12 @@ pub(crate) struct View {
 
 impl View {
     /// Builds the view of `top` over `ancestors` (nearest first).
-    pub fn build(top: Arc<Layer>, ancestors: &[Arc<Layer>], writable: bool, num_blocks: u64) -> View {
+    pub fn build(
+        top: Arc<Layer>,
+        ancestors: &[Arc<Layer>],
+        writable: bool,
+        num_blocks: u64,
+    ) -> View {
         let mut v = View {
             table: Vec::with_capacity(ancestors.len()),
             top,
@@ -61,7 +66,9 @@ impl View {
         self.table.push(layer.clone());
         let idx = self.table.len() as u16;
         let below = &mut self.below;
-        layer.map.for_each_run(0, self.num_blocks, |b, n| below.set_range(b, n, idx));
+        layer
+            .map
+            .for_each_run(0, self.num_blocks, |b, n| below.set_range(b, n, idx));
     }
 
     /// Whether the table still has room for another layer.
@@ -262,6 +269,20 @@ impl LvolBdev {
         self.view.read().removed
     }
 
+    /// The layer (its file UUID) that holds block `b` as this lvol reads it;
+    /// `None` for a block no layer holds (reads as zeroes). The same O(1)
+    /// lookup the read path makes, for tools and benchmarks.
+    pub fn layer_of(&self, b: u64) -> Option<Uuid> {
+        let v = self.view.read();
+        if b >= v.num_blocks {
+            return None;
+        }
+        if v.top.map.get(b) {
+            return Some(v.top.file);
+        }
+        v.layer(v.below.get(b)).map(|l| l.file)
+    }
+
     /// Memory used by the block-owner index, in bytes.
     pub fn owner_map_bytes(&self) -> usize {
         self.view.read().below.memory()
@@ -284,12 +305,16 @@ impl LvolBdev {
         }
         check_range(io, self.block_size, v.num_blocks)?;
         match io.kind {
-            IoKind::Read => v.read(io.offset_blocks, io.num_blocks, io.buf.as_mut_slice()).map_err(io_err),
+            IoKind::Read => v
+                .read(io.offset_blocks, io.num_blocks, io.buf.as_mut_slice())
+                .map_err(io_err),
             IoKind::Write => {
                 if !v.writable {
                     return Err(IoError::ReadOnly);
                 }
-                v.top.write_blocks(io.offset_blocks, io.buf.as_slice()).map_err(io_err)?;
+                v.top
+                    .write_blocks(io.offset_blocks, io.buf.as_slice())
+                    .map_err(io_err)?;
                 if io.fua {
                     v.top.flush().map_err(io_err)?;
                 }
@@ -337,8 +362,8 @@ impl Bdev for LvolBdev {
         match self.gate.enter((io, done)) {
             Entry::Parked => {}
             Entry::Entered((mut io, done)) => {
-                let async_kind = matches!(io.kind, IoKind::Read)
-                    || (io.kind == IoKind::Write && !io.fua);
+                let async_kind =
+                    matches!(io.kind, IoKind::Read) || (io.kind == IoKind::Write && !io.fua);
                 if async_kind {
                     if let Some(r) = &self.reactor {
                         match self.start_async(r, io, done) {
@@ -372,7 +397,9 @@ impl LvolBdev {
         mut io: BdevIo,
         done: Completion,
     ) -> Result<(), (BdevIo, Completion)> {
-        let Some(idx) = self.free.lock().pop() else { return Err((io, done)) };
+        let Some(idx) = self.free.lock().pop() else {
+            return Err((io, done));
+        };
         let slot = &self.slots[idx as usize];
         let Some(me) = self.me.upgrade() else {
             self.free.lock().push(idx);
@@ -396,7 +423,11 @@ impl LvolBdev {
         let (off, n) = (io.offset_blocks, io.num_blocks);
         let is_write = io.kind == IoKind::Write;
         // A write only reads its buffer: no copy-on-write of a shared buffer.
-        let base = if is_write { io.buf.as_ptr() as *mut u8 } else { io.buf.as_mut_ptr() };
+        let base = if is_write {
+            io.buf.as_ptr() as *mut u8
+        } else {
+            io.buf.as_mut_ptr()
+        };
         if is_write {
             if !v.writable {
                 drop(v);
@@ -427,7 +458,10 @@ impl LvolBdev {
         if is_write {
             slot.remaining.fetch_add(1, SeqCst);
             if let Some(fd) = &v.top.fd {
-                let kind = OpKind::Write { offset: off * bs, rw_flags: 0 };
+                let kind = OpKind::Write {
+                    offset: off * bs,
+                    rw_flags: 0,
+                };
                 // SAFETY: `base` points at the request's buffer of `n * bs` bytes
                 // (checked above), owned by the slot until the last op completes;
                 // nothing touches it meanwhile.
@@ -444,7 +478,9 @@ impl LvolBdev {
                         // SAFETY: `base + lo .. + len` lies inside the request's
                         // buffer (extents partition the request), which the slot owns
                         // until the last op completes; extents do not overlap.
-                        unsafe { reactor.submit_raw(fd, kind, base.add(lo), len, sink.clone(), tag) };
+                        unsafe {
+                            reactor.submit_raw(fd, kind, base.add(lo), len, sink.clone(), tag)
+                        };
                     }
                     None => {
                         // SAFETY: as above; no op of this request covers this range.
@@ -468,7 +504,9 @@ impl LvolBdev {
         if slot.remaining.fetch_sub(1, SeqCst) != 1 {
             return;
         }
-        let Some(InFlight { io, done, top }) = slot.req.lock().take() else { return };
+        let Some(InFlight { io, done, top }) = slot.req.lock().take() else {
+            return;
+        };
         let err = slot.err.load(SeqCst);
         let r = if err != 0 {
             Err(IoError::from_errno(err))

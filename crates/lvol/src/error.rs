@@ -49,7 +49,12 @@ pub enum LvolError {
     /// The directory belongs to another lvstore than the one asked for.
     /// RPC: `-EINVAL` (-22). Never opened, never modified.
     #[error("{}: holds lvstore {found_name} ({found}), not {expected}", dir.display())]
-    WrongStore { dir: PathBuf, found: uuid::Uuid, found_name: String, expected: uuid::Uuid },
+    WrongStore {
+        dir: PathBuf,
+        found: uuid::Uuid,
+        found_name: String,
+        expected: uuid::Uuid,
+    },
 
     /// The directory holds no lvstore. RPC: `-ENODEV` (-19).
     #[error("{}: holds no lvstore", dir.display())]
@@ -94,12 +99,19 @@ impl LvolError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => LvolError::NoSpace { op: op.to_string() },
-            _ => LvolError::Io { op, path: path.into(), source },
+            _ => LvolError::Io {
+                op,
+                path: path.into(),
+                source,
+            },
         }
     }
 
     pub(crate) fn not_found(what: &'static str, name: &str) -> Self {
-        LvolError::NotFound { what, name: name.to_string() }
+        LvolError::NotFound {
+            what,
+            name: name.to_string(),
+        }
     }
 }
 
@@ -113,17 +125,50 @@ mod tests {
     #[test]
     fn errno_mapping_matches_spdk() {
         assert_eq!(LvolError::not_found("lvol", "x").errno(), 19);
-        assert_eq!(LvolError::Exists { what: "lvol", name: "x".into() }.errno(), 17);
         assert_eq!(
-            LvolError::Invalid { name: "x".into(), reason: "shrink".into() }.errno(),
+            LvolError::Exists {
+                what: "lvol",
+                name: "x".into()
+            }
+            .errno(),
+            17
+        );
+        assert_eq!(
+            LvolError::Invalid {
+                name: "x".into(),
+                reason: "shrink".into()
+            }
+            .errno(),
             22
         );
-        assert_eq!(LvolError::HasClones { name: "s".into(), clones: vec![] }.errno(), 1);
-        assert_eq!(LvolError::Busy { name: "s".into(), reason: "merging" }.errno(), 16);
-        let e = LvolError::io("write", "/x", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            LvolError::HasClones {
+                name: "s".into(),
+                clones: vec![]
+            }
+            .errno(),
+            1
+        );
+        assert_eq!(
+            LvolError::Busy {
+                name: "s".into(),
+                reason: "merging"
+            }
+            .errno(),
+            16
+        );
+        let e = LvolError::io(
+            "write",
+            "/x",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
         assert!(matches!(e, LvolError::NoSpace { .. }));
         assert_eq!(e.errno(), 28);
-        let e = LvolError::io("write", "/x", std::io::Error::from_raw_os_error(libc::EROFS));
+        let e = LvolError::io(
+            "write",
+            "/x",
+            std::io::Error::from_raw_os_error(libc::EROFS),
+        );
         assert_eq!(e.errno(), libc::EROFS);
     }
 }

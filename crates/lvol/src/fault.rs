@@ -54,7 +54,9 @@ impl Content {
     }
 
     fn page_mut(&mut self, pg: u64) -> &mut [u8] {
-        self.pages.entry(pg).or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice())
+        self.pages
+            .entry(pg)
+            .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice())
     }
 
     fn write(&mut self, off: u64, data: &[u8]) {
@@ -109,7 +111,9 @@ impl Content {
     /// Pages that `op` would newly occupy.
     fn new_pages(&self, off: u64, len: u64) -> u64 {
         let (first, last) = (off / PAGE, (off + len).div_ceil(PAGE));
-        (first..last).filter(|pg| !self.pages.contains_key(pg)).count() as u64
+        (first..last)
+            .filter(|pg| !self.pages.contains_key(pg))
+            .count() as u64
     }
 }
 
@@ -227,15 +231,25 @@ impl FsState {
 
     fn file_op(&mut self, ino: u64, op: FileOp) -> io::Result<()> {
         self.step()?;
-        let node = self.inodes.get(&ino).ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        let node = self
+            .inodes
+            .get(&ino)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
         let need = match &op {
             FileOp::Write { off, data } => node.live.new_pages(*off, data.len() as u64),
-            FileOp::Zero { off, len, dealloc: false } => node.live.new_pages(*off, *len),
+            FileOp::Zero {
+                off,
+                len,
+                dealloc: false,
+            } => node.live.new_pages(*off, *len),
             FileOp::Allocate { off, len } => node.live.new_pages(*off, *len),
             _ => 0,
         };
         self.reserve(need)?;
-        let node = self.inodes.get_mut(&ino).ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        let node = self
+            .inodes
+            .get_mut(&ino)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
         op.apply(&mut node.live);
         node.pending.push(op);
         self.recount();
@@ -244,7 +258,7 @@ impl FsState {
 }
 
 fn dead() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "simulated power loss: the machine is off")
+    io::Error::other("simulated power loss: the machine is off")
 }
 
 #[derive(Debug)]
@@ -334,7 +348,9 @@ impl FaultStorage {
             if inodes.contains_key(&ino) {
                 continue;
             }
-            let Some(node) = st.inodes.get(&ino) else { continue };
+            let Some(node) = st.inodes.get(&ino) else {
+                continue;
+            };
             let mut c = node.durable.clone();
             for op in &node.pending {
                 if !rng.gen_bool(keep) {
@@ -356,7 +372,14 @@ impl FaultStorage {
                     op => op.apply(&mut c),
                 }
             }
-            inodes.insert(ino, Inode { live: c.clone(), durable: c, pending: Vec::new() });
+            inodes.insert(
+                ino,
+                Inode {
+                    live: c.clone(),
+                    durable: c,
+                    pending: Vec::new(),
+                },
+            );
         }
         let mut ns = FsState {
             inodes,
@@ -373,7 +396,10 @@ impl FaultStorage {
         };
         ns.recount();
         FaultStorage {
-            shared: Arc::new(Shared { root: self.shared.root.clone(), state: Mutex::new(ns) }),
+            shared: Arc::new(Shared {
+                root: self.shared.root.clone(),
+                state: Mutex::new(ns),
+            }),
         }
     }
 
@@ -391,8 +417,12 @@ impl FaultStorage {
     /// corruption in tests).
     pub fn corrupt(&self, name: &str, off: u64, data: &[u8]) -> bool {
         let mut st = self.shared.state.lock();
-        let Some(&ino) = st.names.get(name) else { return false };
-        let Some(node) = st.inodes.get_mut(&ino) else { return false };
+        let Some(&ino) = st.names.get(name) else {
+            return false;
+        };
+        let Some(node) = st.inodes.get_mut(&ino) else {
+            return false;
+        };
         node.live.write(off, data);
         node.durable.write(off, data);
         true
@@ -423,19 +453,31 @@ impl Storage for FaultStorage {
                 st.next_ino += 1;
                 st.inodes.insert(ino, Inode::default());
                 st.names.insert(name.to_string(), ino);
-                st.dir_pending.push(DirOp::Link { name: name.to_string(), ino });
+                st.dir_pending.push(DirOp::Link {
+                    name: name.to_string(),
+                    ino,
+                });
                 ino
             }
         };
-        Ok(Arc::new(FaultFile { shared: self.shared.clone(), ino }))
+        Ok(Arc::new(FaultFile {
+            shared: self.shared.clone(),
+            ino,
+        }))
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut st = self.shared.state.lock();
         st.step()?;
-        let ino = st.names.remove(from).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let ino = st
+            .names
+            .remove(from)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         st.names.insert(to.to_string(), ino);
-        st.dir_pending.push(DirOp::Rename { from: from.to_string(), to: to.to_string() });
+        st.dir_pending.push(DirOp::Rename {
+            from: from.to_string(),
+            to: to.to_string(),
+        });
         st.recount();
         Ok(())
     }
@@ -444,7 +486,9 @@ impl Storage for FaultStorage {
         let mut st = self.shared.state.lock();
         st.step()?;
         if st.names.remove(name).is_some() {
-            st.dir_pending.push(DirOp::Remove { name: name.to_string() });
+            st.dir_pending.push(DirOp::Remove {
+                name: name.to_string(),
+            });
             st.recount();
         }
         Ok(())
@@ -474,7 +518,10 @@ impl Storage for FaultStorage {
         let st = self.shared.state.lock();
         st.alive()?;
         let total = st.capacity.map(|c| c * PAGE).unwrap_or(1 << 40);
-        Ok(Space { total, free: total.saturating_sub(st.used * PAGE) })
+        Ok(Space {
+            total,
+            free: total.saturating_sub(st.used * PAGE),
+        })
     }
 }
 
@@ -498,23 +545,49 @@ impl StoreFile for FaultFile {
     }
 
     fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
-        self.shared.state.lock().file_op(self.ino, FileOp::Write { off, data: buf.to_vec() })
+        self.shared.state.lock().file_op(
+            self.ino,
+            FileOp::Write {
+                off,
+                data: buf.to_vec(),
+            },
+        )
     }
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
-        self.shared.state.lock().file_op(self.ino, FileOp::Zero { off, len, dealloc: true })
+        self.shared.state.lock().file_op(
+            self.ino,
+            FileOp::Zero {
+                off,
+                len,
+                dealloc: true,
+            },
+        )
     }
 
     fn zero(&self, off: u64, len: u64) -> io::Result<()> {
-        self.shared.state.lock().file_op(self.ino, FileOp::Zero { off, len, dealloc: false })
+        self.shared.state.lock().file_op(
+            self.ino,
+            FileOp::Zero {
+                off,
+                len,
+                dealloc: false,
+            },
+        )
     }
 
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
-        self.shared.state.lock().file_op(self.ino, FileOp::Allocate { off, len })
+        self.shared
+            .state
+            .lock()
+            .file_op(self.ino, FileOp::Allocate { off, len })
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.shared.state.lock().file_op(self.ino, FileOp::SetLen(len))
+        self.shared
+            .state
+            .lock()
+            .file_op(self.ino, FileOp::SetLen(len))
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -536,7 +609,11 @@ impl StoreFile for FaultFile {
     fn allocated_bytes(&self) -> io::Result<u64> {
         let st = self.shared.state.lock();
         st.alive()?;
-        Ok(st.inodes.get(&self.ino).map(|n| n.live.pages.len() as u64 * PAGE).unwrap_or(0))
+        Ok(st
+            .inodes
+            .get(&self.ino)
+            .map(|n| n.live.pages.len() as u64 * PAGE)
+            .unwrap_or(0))
     }
 }
 

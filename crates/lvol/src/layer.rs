@@ -61,7 +61,11 @@ impl Layer {
         num_blocks: u64,
         thick: bool,
     ) -> std::io::Result<Layer> {
-        let data = st.open(&data_name(&file), Open::Truncate, block_size as usize >= st.direct_min())?;
+        let data = st.open(
+            &data_name(&file),
+            Open::Truncate,
+            block_size as usize >= st.direct_min(),
+        )?;
         let mapf = st.open(&map_name(&file), Open::Truncate, false)?;
         let bytes = num_blocks * block_size as u64;
         data.set_len(bytes)?;
@@ -71,14 +75,31 @@ impl Layer {
         mapf.set_len(num_blocks.div_ceil(LEAF_BLOCKS) * MAP_PAGE as u64)?;
         data.sync()?;
         mapf.sync()?;
-        Ok(Self::from_parts(file, block_size, data, mapf, LayerMap::new(num_blocks)))
+        Ok(Self::from_parts(
+            file,
+            block_size,
+            data,
+            mapf,
+            LayerMap::new(num_blocks),
+        ))
     }
 
     /// Opens an existing layer and loads its map.
-    pub fn open(st: &dyn Storage, file: Uuid, block_size: u32, num_blocks: u64) -> std::io::Result<Layer> {
-        let data = st.open(&data_name(&file), Open::Existing, block_size as usize >= st.direct_min())?;
+    pub fn open(
+        st: &dyn Storage,
+        file: Uuid,
+        block_size: u32,
+        num_blocks: u64,
+    ) -> std::io::Result<Layer> {
+        let data = st.open(
+            &data_name(&file),
+            Open::Existing,
+            block_size as usize >= st.direct_min(),
+        )?;
         let mapf = st.open(&map_name(&file), Open::Existing, false)?;
-        let map = LayerMap::load(num_blocks, |i, buf| mapf.read_at(i as u64 * MAP_PAGE as u64, buf))?;
+        let map = LayerMap::load(num_blocks, |i, buf| {
+            mapf.read_at(i as u64 * MAP_PAGE as u64, buf)
+        })?;
         Ok(Self::from_parts(file, block_size, data, mapf, map))
     }
 
@@ -115,8 +136,10 @@ impl Layer {
     /// them never fails for lack of space later (an I/O path call: ENOSPC here
     /// fails the write before any data moves).
     pub fn reserve_map(&self, b: u64, n: u64) -> std::io::Result<()> {
-        self.map
-            .reserve_pages(b, n, |page| self.mapf.allocate(page as u64 * MAP_PAGE as u64, MAP_PAGE as u64))
+        self.map.reserve_pages(b, n, |page| {
+            self.mapf
+                .allocate(page as u64 * MAP_PAGE as u64, MAP_PAGE as u64)
+        })
     }
 
     /// Records that blocks `b..b+n` were written (their data is in the file).
@@ -170,8 +193,10 @@ impl Layer {
                 return Ok(());
             }
             for (i, &li) in idx.iter().enumerate() {
-                self.mapf
-                    .write_at(li as u64 * MAP_PAGE as u64, &pages[i * MAP_PAGE..(i + 1) * MAP_PAGE])?;
+                self.mapf.write_at(
+                    li as u64 * MAP_PAGE as u64,
+                    &pages[i * MAP_PAGE..(i + 1) * MAP_PAGE],
+                )?;
             }
             self.mapf.sync()
         })();
@@ -184,7 +209,8 @@ impl Layer {
     /// Grows the layer to `num_blocks` (files and map); durable on return.
     pub fn grow(&self, num_blocks: u64) -> std::io::Result<()> {
         self.data.set_len(num_blocks * self.bs())?;
-        self.mapf.set_len(num_blocks.div_ceil(LEAF_BLOCKS) * MAP_PAGE as u64)?;
+        self.mapf
+            .set_len(num_blocks.div_ceil(LEAF_BLOCKS) * MAP_PAGE as u64)?;
         self.data.sync()?;
         self.mapf.sync()?;
         self.map.grow(num_blocks);

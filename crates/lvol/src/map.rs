@@ -99,7 +99,11 @@ impl MapReader<'_> {
             let w = leaf.words[(bit / 64) as usize].load(SeqCst);
             let w = if v { !w } else { w } >> (bit % 64);
             // w has a 1 where the value differs; its trailing zeros are the run.
-            let same = if w == 0 { 64 - bit % 64 } else { (w.trailing_zeros() as u64).min(64 - bit % 64) };
+            let same = if w == 0 {
+                64 - bit % 64
+            } else {
+                (w.trailing_zeros() as u64).min(64 - bit % 64)
+            };
             x += same;
             if same < 64 - bit % 64 {
                 break;
@@ -128,7 +132,11 @@ impl LayerMap {
     /// An empty map for `num_blocks` blocks.
     pub fn new(num_blocks: u64) -> LayerMap {
         LayerMap {
-            leaves: RwLock::new((0..leaves_for(num_blocks)).map(|_| OnceLock::new()).collect()),
+            leaves: RwLock::new(
+                (0..leaves_for(num_blocks))
+                    .map(|_| OnceLock::new())
+                    .collect(),
+            ),
             dirty: Mutex::new(Vec::new()),
             count: AtomicU64::new(0),
         }
@@ -154,7 +162,8 @@ impl LayerMap {
                 for (w, chunk) in buf.chunks_exact_mut(8).enumerate() {
                     let first = w as u64 * 64;
                     let mut v = u64::from_le_bytes([
-                        chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7],
+                        chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6],
+                        chunk[7],
                     ]);
                     if first >= valid {
                         v = 0;
@@ -184,7 +193,9 @@ impl LayerMap {
     }
 
     pub fn reader(&self) -> MapReader<'_> {
-        MapReader { leaves: self.leaves.read() }
+        MapReader {
+            leaves: self.leaves.read(),
+        }
     }
 
     pub fn get(&self, b: u64) -> bool {
@@ -217,7 +228,9 @@ impl LayerMap {
         }
         let leaves = self.leaves.read();
         for li in (b / LEAF_BLOCKS)..=((b + n - 1) / LEAF_BLOCKS) {
-            let Some(slot) = leaves.get(li as usize) else { break };
+            let Some(slot) = leaves.get(li as usize) else {
+                break;
+            };
             let leaf = slot.get_or_init(Leaf::new);
             if !leaf.on_disk.load(SeqCst) {
                 reserve(li as usize)?;
@@ -252,7 +265,11 @@ impl LayerMap {
                 let w = (bit / 64) as usize;
                 let lo = bit % 64;
                 let cnt = (64 - lo).min(leaf_end - x);
-                let mask = if cnt == 64 { u64::MAX } else { ((1u64 << cnt) - 1) << lo };
+                let mask = if cnt == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << cnt) - 1) << lo
+                };
                 if set {
                     let old = leaf.words[w].fetch_or(mask, SeqCst);
                     let new = (mask & !old).count_ones() as u64;
@@ -296,7 +313,9 @@ impl LayerMap {
         buf.resize(idx.len() * MAP_PAGE, 0);
         let leaves = self.leaves.read();
         for (i, &li) in idx.iter().enumerate() {
-            let Some(leaf) = leaves.get(li as usize).and_then(|l| l.get()) else { continue };
+            let Some(leaf) = leaves.get(li as usize).and_then(|l| l.get()) else {
+                continue;
+            };
             leaf.dirty.store(false, SeqCst);
             let page = &mut buf[i * MAP_PAGE..(i + 1) * MAP_PAGE];
             for (w, chunk) in page.chunks_exact_mut(8).enumerate() {
@@ -335,7 +354,9 @@ pub struct OwnerMap {
 
 impl OwnerMap {
     pub fn new(num_blocks: u64) -> OwnerMap {
-        OwnerMap { leaves: (0..num_blocks.div_ceil(OWNER_LEAF)).map(|_| None).collect() }
+        OwnerMap {
+            leaves: (0..num_blocks.div_ceil(OWNER_LEAF)).map(|_| None).collect(),
+        }
     }
 
     pub fn grow(&mut self, num_blocks: u64) {
@@ -360,12 +381,15 @@ impl OwnerMap {
         while x < end {
             let li = (x / OWNER_LEAF) as usize;
             let leaf_end = ((li as u64 + 1) * OWNER_LEAF).min(end);
-            let Some(slot) = self.leaves.get_mut(li) else { break };
+            let Some(slot) = self.leaves.get_mut(li) else {
+                break;
+            };
             if slot.is_none() && v == 0 {
                 x = leaf_end;
                 continue;
             }
-            let leaf = slot.get_or_insert_with(|| vec![0u16; OWNER_LEAF as usize].into_boxed_slice());
+            let leaf =
+                slot.get_or_insert_with(|| vec![0u16; OWNER_LEAF as usize].into_boxed_slice());
             let lo = (x % OWNER_LEAF) as usize;
             let hi = lo + (leaf_end - x) as usize;
             leaf[lo..hi].fill(v);

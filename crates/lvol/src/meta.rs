@@ -115,11 +115,8 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
 
 /// Serialises metadata with its header. Infallible: the structure is plain data.
 pub fn encode(meta: &StoreMeta) -> Vec<u8> {
-    let body = match serde_json::to_vec(meta) {
-        Ok(b) => b,
-        // Serialising plain structs of strings and integers cannot fail.
-        Err(_) => Vec::new(),
-    };
+    // Serialising plain structs of strings and integers cannot fail.
+    let body = serde_json::to_vec(meta).unwrap_or_default();
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -167,7 +164,8 @@ pub fn decode(bytes: &[u8]) -> Result<StoreMeta, MetaError> {
 /// Parses and validates the JSON body alone (the fuzz target also calls this,
 /// to reach the validation without having to forge checksums).
 pub fn decode_body(body: &[u8]) -> Result<StoreMeta, MetaError> {
-    let meta: StoreMeta = serde_json::from_slice(body).map_err(|e| MetaError::Json(e.to_string()))?;
+    let meta: StoreMeta =
+        serde_json::from_slice(body).map_err(|e| MetaError::Json(e.to_string()))?;
     validate(&meta)?;
     Ok(meta)
 }
@@ -180,13 +178,19 @@ fn invalid(s: String) -> MetaError {
 pub fn validate(m: &StoreMeta) -> Result<(), MetaError> {
     check_name(&m.name).map_err(|r| invalid(format!("lvstore name {:?}: {r}", m.name)))?;
     if m.block_size != 512 && m.block_size != 4096 {
-        return Err(invalid(format!("block size {} is not 512 or 4096", m.block_size)));
+        return Err(invalid(format!(
+            "block size {} is not 512 or 4096",
+            m.block_size
+        )));
     }
     if !m.cluster_size.is_power_of_two()
         || m.cluster_size < m.block_size as u64
         || m.cluster_size > 1 << 30
     {
-        return Err(invalid(format!("cluster size {} is not a power of two from the block size to 1 GiB", m.cluster_size)));
+        return Err(invalid(format!(
+            "cluster size {} is not a power of two from the block size to 1 GiB",
+            m.cluster_size
+        )));
     }
     let mut by_uuid: HashMap<Uuid, &LvolMeta> = HashMap::new();
     let mut names = HashSet::new();
@@ -204,7 +208,10 @@ pub fn validate(m: &StoreMeta) -> Result<(), MetaError> {
         }
         let bytes = l.num_blocks.checked_mul(m.block_size as u64);
         if l.num_blocks == 0 || !matches!(bytes, Some(b) if b <= MAX_LVOL_BYTES) {
-            return Err(invalid(format!("lvol {}: size of {} blocks out of range", l.name, l.num_blocks)));
+            return Err(invalid(format!(
+                "lvol {}: size of {} blocks out of range",
+                l.name, l.num_blocks
+            )));
         }
     }
     for l in &m.lvols {
@@ -215,14 +222,23 @@ pub fn validate(m: &StoreMeta) -> Result<(), MetaError> {
                 .get(&p)
                 .ok_or_else(|| invalid(format!("lvol {}: parent {p} does not exist", cur.name)))?;
             if !parent.snapshot {
-                return Err(invalid(format!("lvol {}: parent {} is not a snapshot", cur.name, parent.name)));
+                return Err(invalid(format!(
+                    "lvol {}: parent {} is not a snapshot",
+                    cur.name, parent.name
+                )));
             }
             if parent.num_blocks > cur.num_blocks {
-                return Err(invalid(format!("lvol {}: smaller than its parent {}", cur.name, parent.name)));
+                return Err(invalid(format!(
+                    "lvol {}: smaller than its parent {}",
+                    cur.name, parent.name
+                )));
             }
             depth += 1;
             if depth > MAX_CHAIN || depth > m.lvols.len() {
-                return Err(invalid(format!("lvol {}: parent chain loops or exceeds {MAX_CHAIN}", l.name)));
+                return Err(invalid(format!(
+                    "lvol {}: parent chain loops or exceeds {MAX_CHAIN}",
+                    l.name
+                )));
             }
             cur = parent;
         }

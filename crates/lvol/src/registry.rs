@@ -25,7 +25,10 @@ impl Lvstores {
     fn check_unique(stores: &[LvStore], s: &LvStore) -> Result<()> {
         let (u, n) = (s.uuid(), s.name());
         if stores.iter().any(|x| x.uuid() == u || x.name() == n) {
-            return Err(LvolError::Exists { what: "lvstore", name: n });
+            return Err(LvolError::Exists {
+                what: "lvstore",
+                name: n,
+            });
         }
         Ok(())
     }
@@ -35,7 +38,10 @@ impl Lvstores {
     pub fn create_lvstore(&self, dir: &Path, lvs_name: &str, opts: CreateOpts) -> Result<Uuid> {
         let mut stores = self.stores.lock();
         if stores.iter().any(|x| x.name() == lvs_name) {
-            return Err(LvolError::Exists { what: "lvstore", name: lvs_name.into() });
+            return Err(LvolError::Exists {
+                what: "lvstore",
+                name: lvs_name.into(),
+            });
         }
         let s = LvStore::create_dir(dir, lvs_name, opts)?;
         let u = s.uuid();
@@ -91,7 +97,9 @@ impl Lvstores {
     /// Finds the store of an lvol named by `lvs_name/lvol_name` or by UUID.
     pub fn store_of(&self, lvol: &str) -> Result<LvStore> {
         if let Some((lvs, _)) = lvol.split_once('/') {
-            return self.get(lvs).map_err(|_| LvolError::not_found("lvol", lvol));
+            return self
+                .get(lvs)
+                .map_err(|_| LvolError::not_found("lvol", lvol));
         }
         self.stores
             .lock()

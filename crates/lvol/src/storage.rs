@@ -58,6 +58,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// One open file of the store.
+#[allow(clippy::len_without_is_empty)] // `len` is a file's size, not a collection's
 pub trait StoreFile: Send + Sync + std::fmt::Debug + 'static {
     /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zero.
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
@@ -120,7 +121,10 @@ impl DirStorage {
             }
         };
         let _ = std::fs::remove_file(&probe);
-        Ok(DirStorage { root: root.to_path_buf(), direct_min })
+        Ok(DirStorage {
+            root: root.to_path_buf(),
+            direct_min,
+        })
     }
 
     fn path(&self, name: &str) -> io::Result<PathBuf> {
@@ -149,7 +153,12 @@ impl Storage for DirStorage {
                 o.create(true).truncate(true);
             }
         }
-        let flags = libc::O_CLOEXEC | if direct && self.direct_min != usize::MAX { libc::O_DIRECT } else { 0 };
+        let flags = libc::O_CLOEXEC
+            | if direct && self.direct_min != usize::MAX {
+                libc::O_DIRECT
+            } else {
+                0
+            };
         o.custom_flags(flags);
         let f = o.open(&path)?;
         Ok(Arc::new(RealFile { file: Arc::new(f) }))
@@ -200,7 +209,10 @@ impl Storage for DirStorage {
             return Err(io::Error::last_os_error());
         }
         let frsize = st.f_frsize as u64;
-        Ok(Space { total: st.f_blocks as u64 * frsize, free: st.f_bavail as u64 * frsize })
+        Ok(Space {
+            total: st.f_blocks as u64 * frsize,
+            free: st.f_bavail as u64 * frsize,
+        })
     }
 }
 
@@ -217,7 +229,12 @@ impl RealFile {
         }
         // SAFETY: plain syscall on a descriptor we own; arguments are integers.
         let r = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t)
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
         };
         if r != 0 {
             return Err(io::Error::last_os_error());
@@ -262,14 +279,22 @@ impl StoreFile for RealFile {
     }
 
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
-        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes(off, len),
             r => r,
         }
     }
 
     fn zero(&self, off: u64, len: u64) -> io::Result<()> {
-        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, off, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes(off, len),
             r => r,
         }

@@ -33,7 +33,10 @@ pub struct CreateOpts {
 
 impl Default for CreateOpts {
     fn default() -> Self {
-        CreateOpts { block_size: 4096, cluster_size: 4 << 20 }
+        CreateOpts {
+            block_size: 4096,
+            cluster_size: 4 << 20,
+        }
     }
 }
 
@@ -173,14 +176,21 @@ impl Ctl {
     }
 
     fn children(&self, u: Uuid) -> Vec<&LvolMeta> {
-        self.meta.lvols.iter().filter(|l| l.parent == Some(u)).collect()
+        self.meta
+            .lvols
+            .iter()
+            .filter(|l| l.parent == Some(u))
+            .collect()
     }
 
     fn layer(&self, l: &LvolMeta) -> Result<Arc<Layer>> {
-        self.layers.get(&l.file).cloned().ok_or_else(|| LvolError::Corrupt {
-            path: data_name(&l.file).into(),
-            reason: "layer not loaded".into(),
-        })
+        self.layers
+            .get(&l.file)
+            .cloned()
+            .ok_or_else(|| LvolError::Corrupt {
+                path: data_name(&l.file).into(),
+                reason: "layer not loaded".into(),
+            })
     }
 
     /// The layers below `l`, nearest first.
@@ -188,7 +198,9 @@ impl Ctl {
         let mut v = Vec::new();
         let mut cur = l.parent;
         while let Some(p) = cur {
-            let pm = self.by_uuid(p).ok_or_else(|| LvolError::not_found("lvol", &p.to_string()))?;
+            let pm = self
+                .by_uuid(p)
+                .ok_or_else(|| LvolError::not_found("lvol", &p.to_string()))?;
             v.push(self.layer(pm)?);
             cur = pm.parent;
         }
@@ -200,16 +212,25 @@ impl Ctl {
     }
 
     fn check_new_name(&self, name: &str) -> Result<()> {
-        check_name(name).map_err(|reason| LvolError::InvalidName { name: name.into(), reason })?;
+        check_name(name).map_err(|reason| LvolError::InvalidName {
+            name: name.into(),
+            reason,
+        })?;
         if self.meta.lvols.iter().any(|l| l.name == name) {
-            return Err(LvolError::Exists { what: "lvol", name: name.into() });
+            return Err(LvolError::Exists {
+                what: "lvol",
+                name: name.into(),
+            });
         }
         Ok(())
     }
 
     fn check_idle(&self, l: &LvolMeta) -> Result<()> {
         if self.busy.contains(&l.uuid) {
-            return Err(LvolError::Busy { name: l.name.clone(), reason: "a snapshot merge is using it" });
+            return Err(LvolError::Busy {
+                name: l.name.clone(),
+                reason: "a snapshot merge is using it",
+            });
         }
         Ok(())
     }
@@ -219,7 +240,12 @@ impl Ctl {
     }
 
     fn make_view(&self, l: &LvolMeta) -> Result<View> {
-        Ok(View::build(self.layer(l)?, &self.ancestors(l)?, !l.snapshot, l.num_blocks))
+        Ok(View::build(
+            self.layer(l)?,
+            &self.ancestors(l)?,
+            !l.snapshot,
+            l.num_blocks,
+        ))
     }
 }
 
@@ -233,20 +259,38 @@ impl StoreInner {
     /// over the old one, fsync the directory.
     fn commit(&self, ctl: &mut Ctl, mut new: StoreMeta) -> std::result::Result<(), CommitFailed> {
         new.generation = ctl.meta.generation + 1;
-        let before = |err| CommitFailed { err, took_effect: false };
+        let before = |err| CommitFailed {
+            err,
+            took_effect: false,
+        };
         meta::validate(&new).map_err(|e| {
-            before(LvolError::Corrupt { path: META_TMP.into(), reason: format!("refusing to write: {e}") })
+            before(LvolError::Corrupt {
+                path: META_TMP.into(),
+                reason: format!("refusing to write: {e}"),
+            })
         })?;
         let bytes = meta::encode(&new);
         let st = &self.storage;
-        let f = st.open(META_TMP, Open::Truncate, false).map_err(self.io("create", META_TMP)).map_err(before)?;
-        f.write_at(0, &bytes).map_err(self.io("write", META_TMP)).map_err(before)?;
-        f.sync().map_err(self.io("fsync", META_TMP)).map_err(before)?;
-        st.rename(META_TMP, META_FILE).map_err(self.io("rename", META_FILE)).map_err(before)?;
+        let f = st
+            .open(META_TMP, Open::Truncate, false)
+            .map_err(self.io("create", META_TMP))
+            .map_err(before)?;
+        f.write_at(0, &bytes)
+            .map_err(self.io("write", META_TMP))
+            .map_err(before)?;
+        f.sync()
+            .map_err(self.io("fsync", META_TMP))
+            .map_err(before)?;
+        st.rename(META_TMP, META_FILE)
+            .map_err(self.io("rename", META_FILE))
+            .map_err(before)?;
         ctl.meta = new;
         st.sync_dir()
             .map_err(self.io("fsync directory", ""))
-            .map_err(|err| CommitFailed { err, took_effect: true })
+            .map_err(|err| CommitFailed {
+                err,
+                took_effect: true,
+            })
     }
 
     /// Creates a new layer's files, durable and linked in the directory.
@@ -283,7 +327,9 @@ impl LvStore {
     /// UUID ([`LvolError::WrongStore`]).
     pub fn open_dir(dir: &Path, expect: Option<Uuid>) -> Result<LvStore> {
         if !dir.is_dir() {
-            return Err(LvolError::NoStore { dir: dir.to_path_buf() });
+            return Err(LvolError::NoStore {
+                dir: dir.to_path_buf(),
+            });
         }
         let st = DirStorage::new(dir).map_err(|e| LvolError::io("open directory", dir, e))?;
         Self::open(Arc::new(st), expect)
@@ -292,11 +338,22 @@ impl LvStore {
     /// Creates an lvstore in `storage`: writes its identity (a new UUID, the name,
     /// block and cluster size) as the first metadata.
     pub fn create(storage: Arc<dyn Storage>, name: &str, opts: CreateOpts) -> Result<LvStore> {
-        check_name(name).map_err(|reason| LvolError::InvalidName { name: name.into(), reason })?;
+        check_name(name).map_err(|reason| LvolError::InvalidName {
+            name: name.into(),
+            reason,
+        })?;
         let root = storage.root().to_path_buf();
-        if storage.exists(META_FILE).map_err(|e| LvolError::io("stat", root.join(META_FILE), e))? {
-            let found = Self::open(storage.clone(), None).map(|s| s.name()).unwrap_or_else(|e| e.to_string());
-            return Err(LvolError::Exists { what: "lvstore", name: format!("{} ({found})", root.display()) });
+        if storage
+            .exists(META_FILE)
+            .map_err(|e| LvolError::io("stat", root.join(META_FILE), e))?
+        {
+            let found = Self::open(storage.clone(), None)
+                .map(|s| s.name())
+                .unwrap_or_else(|e| e.to_string());
+            return Err(LvolError::Exists {
+                what: "lvstore",
+                name: format!("{} ({found})", root.display()),
+            });
         }
         let m = StoreMeta {
             uuid: Uuid::new_v4(),
@@ -306,12 +363,18 @@ impl LvStore {
             generation: 0,
             lvols: vec![],
         };
-        meta::validate(&m).map_err(|e| LvolError::Invalid { name: name.into(), reason: e.to_string() })?;
+        meta::validate(&m).map_err(|e| LvolError::Invalid {
+            name: name.into(),
+            reason: e.to_string(),
+        })?;
         let inner = StoreInner {
             storage,
             reactor: Mutex::new(None),
             ctl: Mutex::new(Ctl {
-                meta: StoreMeta { generation: 0, ..m.clone() },
+                meta: StoreMeta {
+                    generation: 0,
+                    ..m.clone()
+                },
                 layers: HashMap::new(),
                 bdevs: HashMap::new(),
                 busy: HashSet::new(),
@@ -327,7 +390,9 @@ impl LvStore {
                 return Err(f.err);
             }
         }
-        Ok(LvStore { inner: Arc::new(inner) })
+        Ok(LvStore {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Opens an existing lvstore: reads and validates the metadata, removes
@@ -338,38 +403,61 @@ impl LvStore {
         let path = root.join(META_FILE);
         let f = match storage.open(META_FILE, Open::Existing, false) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LvolError::NoStore { dir: root }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LvolError::NoStore { dir: root })
+            }
             Err(e) => return Err(LvolError::io("open", path, e)),
         };
         let len = f.len().map_err(|e| LvolError::io("stat", &path, e))?;
         if len > (meta::MAX_BODY + meta::HEADER_LEN) as u64 {
-            return Err(LvolError::Corrupt { path, reason: format!("{len} bytes is too large") });
+            return Err(LvolError::Corrupt {
+                path,
+                reason: format!("{len} bytes is too large"),
+            });
         }
         let mut bytes = vec![0u8; len as usize];
-        f.read_at(0, &mut bytes).map_err(|e| LvolError::io("read", &path, e))?;
-        let m = meta::decode(&bytes).map_err(|e| LvolError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        f.read_at(0, &mut bytes)
+            .map_err(|e| LvolError::io("read", &path, e))?;
+        let m = meta::decode(&bytes).map_err(|e| LvolError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         if let Some(want) = expect {
             if want != m.uuid {
-                return Err(LvolError::WrongStore { dir: root, found: m.uuid, found_name: m.name, expected: want });
+                return Err(LvolError::WrongStore {
+                    dir: root,
+                    found: m.uuid,
+                    found_name: m.name,
+                    expected: want,
+                });
             }
         }
         // Garbage: an uncommitted metadata file and layer files nobody references.
         let referenced: HashSet<Uuid> = m.lvols.iter().map(|l| l.file).collect();
         let mut removed = false;
-        for name in storage.list().map_err(|e| LvolError::io("list", &root, e))? {
-            let stem = name.strip_suffix(".data").or_else(|| name.strip_suffix(".map"));
+        for name in storage
+            .list()
+            .map_err(|e| LvolError::io("list", &root, e))?
+        {
+            let stem = name
+                .strip_suffix(".data")
+                .or_else(|| name.strip_suffix(".map"));
             let orphan = match stem.map(Uuid::parse_str) {
                 Some(Ok(u)) => !referenced.contains(&u),
                 _ => name == META_TMP,
             };
             if orphan {
                 tracing::info!(file = %name, "removing file left by an interrupted operation");
-                storage.remove(&name).map_err(|e| LvolError::io("remove", root.join(&name), e))?;
+                storage
+                    .remove(&name)
+                    .map_err(|e| LvolError::io("remove", root.join(&name), e))?;
                 removed = true;
             }
         }
         if removed {
-            storage.sync_dir().map_err(|e| LvolError::io("fsync directory", &root, e))?;
+            storage
+                .sync_dir()
+                .map_err(|e| LvolError::io("fsync directory", &root, e))?;
         }
         let mut layers = HashMap::new();
         for l in &m.lvols {
@@ -377,8 +465,20 @@ impl LvStore {
                 .map_err(|e| LvolError::io("open layer", root.join(data_name(&l.file)), e))?;
             layers.insert(l.file, Arc::new(layer));
         }
-        let ctl = Ctl { meta: m, layers, bdevs: HashMap::new(), busy: HashSet::new(), destroyed: false };
-        Ok(LvStore { inner: Arc::new(StoreInner { storage, ctl: Mutex::new(ctl), reactor: Mutex::new(None) }) })
+        let ctl = Ctl {
+            meta: m,
+            layers,
+            bdevs: HashMap::new(),
+            busy: HashSet::new(),
+            destroyed: false,
+        };
+        Ok(LvStore {
+            inner: Arc::new(StoreInner {
+                storage,
+                ctl: Mutex::new(ctl),
+                reactor: Mutex::new(None),
+            }),
+        })
     }
 
     /// Serves reads and writes of bdevs made from now on through `reactor`
@@ -392,7 +492,10 @@ impl LvStore {
     fn lock(&self) -> Result<parking_lot::MutexGuard<'_, Ctl>> {
         let g = self.inner.ctl.lock();
         if g.destroyed {
-            return Err(LvolError::NotFound { what: "lvstore", name: g.meta.name.clone() });
+            return Err(LvolError::NotFound {
+                what: "lvstore",
+                name: g.meta.name.clone(),
+            });
         }
         Ok(g)
     }
@@ -435,13 +538,18 @@ impl LvStore {
         let mut ctl = self.lock()?;
         if let Some(u) = ctl.busy.iter().next() {
             let name = ctl.by_uuid(*u).map(|l| l.name.clone()).unwrap_or_default();
-            return Err(LvolError::Busy { name, reason: "a snapshot merge is running" });
+            return Err(LvolError::Busy {
+                name,
+                reason: "a snapshot merge is running",
+            });
         }
         let st = &self.inner.storage;
         // The metadata goes first: once it is gone the directory is no store, and
         // the layer files are garbage whatever happens next.
-        st.remove(META_FILE).map_err(self.inner.io("remove", META_FILE))?;
-        st.sync_dir().map_err(self.inner.io("fsync directory", ""))?;
+        st.remove(META_FILE)
+            .map_err(self.inner.io("remove", META_FILE))?;
+        st.sync_dir()
+            .map_err(self.inner.io("fsync directory", ""))?;
         ctl.destroyed = true;
         for b in ctl.bdevs.values().filter_map(|w| w.upgrade()) {
             let _p = b.pause();
@@ -450,7 +558,11 @@ impl LvStore {
         for l in std::mem::take(&mut ctl.meta.lvols) {
             self.inner.drop_layer_files(&l.file);
         }
-        ctl.layers.clear();
+        // Closing the last descriptor of a deleted file frees its extents, which
+        // can take long (online discard): not under the store's lock.
+        let layers = std::mem::take(&mut ctl.layers);
+        drop(ctl);
+        drop(layers);
         let _ = st.remove(META_TMP);
         let _ = st.sync_dir();
         Ok(())
@@ -463,17 +575,28 @@ impl LvStore {
             Some(b) if size > 0 && b <= meta::MAX_LVOL_BYTES => Ok(b / ctl.meta.block_size as u64),
             _ => Err(LvolError::Invalid {
                 name: name.into(),
-                reason: format!("size {size} must be from 1 byte to {} bytes", meta::MAX_LVOL_BYTES),
+                reason: format!(
+                    "size {size} must be from 1 byte to {} bytes",
+                    meta::MAX_LVOL_BYTES
+                ),
             }),
         }
     }
 
     /// Runs a commit of `new` and its follow-up; on a failure before the commit
     /// took effect, removes `new_files`.
-    fn commit_or_undo(&self, ctl: &mut Ctl, new: StoreMeta, new_files: &[Uuid]) -> Result<Option<LvolError>> {
+    fn commit_or_undo(
+        &self,
+        ctl: &mut Ctl,
+        new: StoreMeta,
+        new_files: &[Uuid],
+    ) -> Result<Option<LvolError>> {
         match self.inner.commit(ctl, new) {
             Ok(()) => Ok(None),
-            Err(CommitFailed { err, took_effect: false }) => {
+            Err(CommitFailed {
+                err,
+                took_effect: false,
+            }) => {
                 for f in new_files {
                     self.inner.drop_layer_files(f);
                 }
@@ -481,7 +604,10 @@ impl LvStore {
             }
             // Applied in the directory but not yet durable: carry on as done and
             // report the error afterwards.
-            Err(CommitFailed { err, took_effect: true }) => Ok(Some(err)),
+            Err(CommitFailed {
+                err,
+                took_effect: true,
+            }) => Ok(Some(err)),
         }
     }
 
@@ -495,7 +621,15 @@ impl LvStore {
         let layer = self.inner.new_layer(nb, !thin, ctl.meta.block_size)?;
         let uuid = Uuid::new_v4();
         let mut new = ctl.meta.clone();
-        new.lvols.push(LvolMeta { uuid, name: name.into(), parent: None, snapshot: false, thin, num_blocks: nb, file: layer.file });
+        new.lvols.push(LvolMeta {
+            uuid,
+            name: name.into(),
+            parent: None,
+            snapshot: false,
+            thin,
+            num_blocks: nb,
+            file: layer.file,
+        });
         let late = self.commit_or_undo(&mut ctl, new, &[layer.file])?;
         ctl.layers.insert(layer.file, layer);
         late.map_or(Ok(uuid), Err)
@@ -515,7 +649,10 @@ impl LvStore {
         if nb < l.num_blocks {
             return Err(LvolError::Invalid {
                 name: l.name,
-                reason: format!("shrinking from {} to {} blocks is not supported", l.num_blocks, nb),
+                reason: format!(
+                    "shrinking from {} to {} blocks is not supported",
+                    l.num_blocks, nb
+                ),
             });
         }
         if nb == l.num_blocks {
@@ -524,7 +661,9 @@ impl LvStore {
         let layer = ctl.layer(&l)?;
         let bdev = ctl.live(l.uuid);
         let _paused = bdev.as_ref().map(|b| b.pause());
-        layer.grow(nb).map_err(self.inner.io("grow", &data_name(&l.file)))?;
+        layer
+            .grow(nb)
+            .map_err(self.inner.io("grow", &data_name(&l.file)))?;
         let mut new = ctl.meta.clone();
         if let Some(m) = new.lvols.iter_mut().find(|x| x.uuid == l.uuid) {
             m.num_blocks = nb;
@@ -547,15 +686,21 @@ impl LvStore {
         let mut ctl = self.lock()?;
         let h = ctl.find(lvol)?.clone();
         if h.snapshot {
-            return Err(LvolError::Invalid { name: h.name, reason: "is a snapshot; snapshot its clone instead".into() });
+            return Err(LvolError::Invalid {
+                name: h.name,
+                reason: "is a snapshot; snapshot its clone instead".into(),
+            });
         }
         ctl.check_idle(&h)?;
         ctl.check_new_name(snap_name)?;
         let old = ctl.layer(&h)?;
         let bdev = ctl.live(h.uuid);
         let _paused = bdev.as_ref().map(|b| b.pause());
-        old.flush().map_err(self.inner.io("flush", &data_name(&h.file)))?;
-        let fresh = self.inner.new_layer(h.num_blocks, false, ctl.meta.block_size)?;
+        old.flush()
+            .map_err(self.inner.io("flush", &data_name(&h.file)))?;
+        let fresh = self
+            .inner
+            .new_layer(h.num_blocks, false, ctl.meta.block_size)?;
         let snap = LvolMeta {
             uuid: Uuid::new_v4(),
             name: snap_name.into(),
@@ -593,11 +738,16 @@ impl LvStore {
         let mut ctl = self.lock()?;
         let s = ctl.find(snap)?.clone();
         if !s.snapshot {
-            return Err(LvolError::Invalid { name: s.name, reason: "is not a snapshot; only snapshots can be cloned".into() });
+            return Err(LvolError::Invalid {
+                name: s.name,
+                reason: "is not a snapshot; only snapshots can be cloned".into(),
+            });
         }
         ctl.check_idle(&s)?;
         ctl.check_new_name(clone_name)?;
-        let layer = self.inner.new_layer(s.num_blocks, false, ctl.meta.block_size)?;
+        let layer = self
+            .inner
+            .new_layer(s.num_blocks, false, ctl.meta.block_size)?;
         let uuid = Uuid::new_v4();
         let mut new = ctl.meta.clone();
         new.lvols.push(LvolMeta {
@@ -635,13 +785,18 @@ impl LvStore {
             cur = ctl.by_uuid(p).and_then(|x| x.parent);
         }
         if !found {
-            return Err(LvolError::Invalid { name: s.name, reason: format!("is not a snapshot in the chain of {}", h.name) });
+            return Err(LvolError::Invalid {
+                name: s.name,
+                reason: format!("is not a snapshot in the chain of {}", h.name),
+            });
         }
         ctl.check_idle(&h)?;
         ctl.check_idle(&s)?;
         let bdev = ctl.live(h.uuid);
         let _paused = bdev.as_ref().map(|b| b.pause());
-        let fresh = self.inner.new_layer(h.num_blocks, false, ctl.meta.block_size)?;
+        let fresh = self
+            .inner
+            .new_layer(h.num_blocks, false, ctl.meta.block_size)?;
         let mut new = ctl.meta.clone();
         if let Some(m) = new.lvols.iter_mut().find(|x| x.uuid == h.uuid) {
             m.file = fresh.file;
@@ -650,12 +805,18 @@ impl LvStore {
         }
         let late = self.commit_or_undo(&mut ctl, new, &[fresh.file])?;
         ctl.layers.insert(fresh.file, fresh);
-        ctl.layers.remove(&h.file);
+        let old = ctl.layers.remove(&h.file);
         if let Some(b) = &bdev {
-            let hm = ctl.by_uuid(h.uuid).cloned().ok_or_else(|| LvolError::not_found("lvol", lvol))?;
+            let hm = ctl
+                .by_uuid(h.uuid)
+                .cloned()
+                .ok_or_else(|| LvolError::not_found("lvol", lvol))?;
             *b.view.write() = ctl.make_view(&hm)?;
         }
         self.inner.drop_layer_files(&h.file);
+        drop(_paused);
+        drop(ctl);
+        drop(old);
         late.map_or(Ok(()), Err)
     }
 
@@ -671,7 +832,10 @@ impl LvStore {
         ctl.check_idle(&l)?;
         let kids: Vec<LvolMeta> = ctl.children(l.uuid).into_iter().cloned().collect();
         if kids.len() > 1 {
-            return Err(LvolError::HasClones { name: l.name, clones: kids.into_iter().map(|k| k.name).collect() });
+            return Err(LvolError::HasClones {
+                name: l.name,
+                clones: kids.into_iter().map(|k| k.name).collect(),
+            });
         }
         if let Some(child) = kids.into_iter().next() {
             ctl.check_idle(&child)?;
@@ -687,8 +851,11 @@ impl LvStore {
             b.view.write().removed = true;
         }
         ctl.bdevs.remove(&l.uuid);
-        ctl.layers.remove(&l.file);
+        let old = ctl.layers.remove(&l.file);
         self.inner.drop_layer_files(&l.file);
+        drop(_paused);
+        drop(ctl);
+        drop(old);
         late.map_or(Ok(()), Err)
     }
 
@@ -714,15 +881,22 @@ impl LvStore {
                 }
             }
         };
-        let r = self.merge_copy(&s, &s_layer, &c_layer, c_bdev.as_deref()).and_then(|()| {
-            c_layer.flush().map_err(self.inner.io("flush", &data_name(&c.file)))
-        });
+        let r = self
+            .merge_copy(&s, &s_layer, &c_layer, c_bdev.as_deref())
+            .and_then(|()| {
+                c_layer
+                    .flush()
+                    .map_err(self.inner.io("flush", &data_name(&c.file)))
+            });
         let mut ctl = self.inner.ctl.lock();
         ctl.busy.remove(&s.uuid);
         ctl.busy.remove(&c.uuid);
         r?;
         if ctl.destroyed {
-            return Err(LvolError::NotFound { what: "lvstore", name: ctl.meta.name.clone() });
+            return Err(LvolError::NotFound {
+                what: "lvstore",
+                name: ctl.meta.name.clone(),
+            });
         }
         // Every live view that reads through `s`: pause it, commit, then point
         // its references to `s` at `c` (which now holds all of `s`'s blocks).
@@ -749,15 +923,22 @@ impl LvStore {
         }
         drop(paused);
         ctl.bdevs.remove(&s.uuid);
-        ctl.layers.remove(&s.file);
+        let old = ctl.layers.remove(&s.file);
         drop(ctl);
+        drop(old);
         drop(c_bdev);
         self.inner.drop_layer_files(&s.file);
         late.map_or(Ok(()), Err)
     }
 
     /// Copies the blocks `s` holds and `c` lacks into `c`, one window at a time.
-    fn merge_copy(&self, s: &LvolMeta, sl: &Layer, cl: &Layer, c_bdev: Option<&LvolBdev>) -> Result<()> {
+    fn merge_copy(
+        &self,
+        s: &LvolMeta,
+        sl: &Layer,
+        cl: &Layer,
+        c_bdev: Option<&LvolBdev>,
+    ) -> Result<()> {
         const WINDOW: u64 = 1 << 20;
         let bs = sl.block_size as u64;
         let win = (WINDOW / bs).max(1);
@@ -793,8 +974,11 @@ impl LvStore {
                 let bytes = (cnt * bs) as usize;
                 let off = ((b - w) * bs) as usize;
                 let chunk = &mut buf[off..off + bytes];
-                sl.data.read_at(b * bs, chunk).map_err(self.inner.io("read", &data_name(&s.file)))?;
-                cl.write_blocks(b, chunk).map_err(self.inner.io("write", &data_name(&cl.file)))?;
+                sl.data
+                    .read_at(b * bs, chunk)
+                    .map_err(self.inner.io("read", &data_name(&s.file)))?;
+                cl.write_blocks(b, chunk)
+                    .map_err(self.inner.io("write", &data_name(&cl.file)))?;
             }
             w = end;
         }
@@ -835,17 +1019,31 @@ impl LvStore {
             is_thin_provisioned: l.thin,
             is_snapshot: l.snapshot,
             is_clone: l.parent.is_some(),
-            base_snapshot: l.parent.and_then(|p| ctl.by_uuid(p)).map(|p| p.name.clone()),
-            clones: ctl.children(l.uuid).into_iter().map(|c| c.name.clone()).collect(),
+            base_snapshot: l
+                .parent
+                .and_then(|p| ctl.by_uuid(p))
+                .map(|p| p.name.clone()),
+            clones: ctl
+                .children(l.uuid)
+                .into_iter()
+                .map(|c| c.name.clone())
+                .collect(),
             num_allocated_blocks: layer.map(|x| x.map.count()).unwrap_or(0),
-            disk_bytes: layer.and_then(|x| x.data.allocated_bytes().ok()).unwrap_or(0),
+            disk_bytes: layer
+                .and_then(|x| x.data.allocated_bytes().ok())
+                .unwrap_or(0),
         }
     }
 
     /// `bdev_lvol_get_lvols`: every lvol of the store.
     pub fn lvols(&self) -> Result<Vec<LvolInfo>> {
         let ctl = self.lock()?;
-        Ok(ctl.meta.lvols.iter().map(|l| self.info_of(&ctl, l)).collect())
+        Ok(ctl
+            .meta
+            .lvols
+            .iter()
+            .map(|l| self.info_of(&ctl, l))
+            .collect())
     }
 
     /// One lvol by name, `lvs/name` alias or UUID.
@@ -870,16 +1068,31 @@ impl LvStore {
 
     /// `corral_lvol_get_fragmap`: allocated blocks of `name` in the byte range
     /// `offset..offset+size` (`size` 0: to the end), for rebuild and backup.
-    pub fn fragmap(&self, name: &str, offset: u64, size: u64, scope: FragmapScope) -> Result<Fragmap> {
+    pub fn fragmap(
+        &self,
+        name: &str,
+        offset: u64,
+        size: u64,
+        scope: FragmapScope,
+    ) -> Result<Fragmap> {
         let ctl = self.lock()?;
         let l = ctl.find(name)?.clone();
         let bs = ctl.meta.block_size as u64;
         let total = l.num_blocks * bs;
-        let size = if size == 0 { total.saturating_sub(offset) } else { size };
-        if offset % bs != 0 || size % bs != 0 || offset.checked_add(size).is_none_or(|e| e > total) {
+        let size = if size == 0 {
+            total.saturating_sub(offset)
+        } else {
+            size
+        };
+        if !offset.is_multiple_of(bs)
+            || !size.is_multiple_of(bs)
+            || offset.checked_add(size).is_none_or(|e| e > total)
+        {
             return Err(LvolError::Invalid {
                 name: l.name,
-                reason: format!("range {offset}+{size} must be block-aligned and within {total} bytes"),
+                reason: format!(
+                    "range {offset}+{size} must be block-aligned and within {total} bytes"
+                ),
             });
         }
         let (from, n) = (offset / bs, size / bs);
@@ -911,7 +1124,13 @@ impl LvStore {
             ranges.push((from + s, x - s));
             count += x - s;
         }
-        Ok(Fragmap { block_size: bs as u32, offset_blocks: from, num_blocks: n, num_allocated_blocks: count, ranges })
+        Ok(Fragmap {
+            block_size: bs as u32,
+            offset_blocks: from,
+            num_blocks: n,
+            num_allocated_blocks: count,
+            ranges,
+        })
     }
 
     /// `corral_lvol_get_checksum`: digest of the lvol's content as a reader sees
@@ -947,7 +1166,11 @@ impl LvStore {
             })?;
             b += n;
         }
-        Ok(Checksum { algorithm: "crc32c-blocks-v1", value: h.0, num_blocks: view.num_blocks })
+        Ok(Checksum {
+            algorithm: "crc32c-blocks-v1",
+            value: h.0,
+            num_blocks: view.num_blocks,
+        })
     }
 
     /// The storage (for tests and tools).

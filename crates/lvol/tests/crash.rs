@@ -7,6 +7,8 @@
 //! model: its shape must be the one before or after the interrupted operation,
 //! and every block must read a value acknowledged durable, or one written since.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,7 +45,11 @@ struct MVol {
 impl MVol {
     fn new(num_blocks: u64, parent: Option<String>, snapshot: bool) -> MVol {
         MVol {
-            shape: Shape { parent, snapshot, num_blocks },
+            shape: Shape {
+                parent,
+                snapshot,
+                num_blocks,
+            },
             durable: BTreeMap::new(),
             pending: BTreeMap::new(),
         }
@@ -74,7 +80,12 @@ impl MVol {
         self.pending.clear();
     }
     fn keys(&self) -> Vec<u64> {
-        let mut k: Vec<u64> = self.durable.keys().chain(self.pending.keys()).copied().collect();
+        let mut k: Vec<u64> = self
+            .durable
+            .keys()
+            .chain(self.pending.keys())
+            .copied()
+            .collect();
         k.sort();
         k.dedup();
         k
@@ -97,17 +108,49 @@ enum Outcome {
 #[derive(Debug, Clone)]
 enum Op {
     Create,
-    Write { v: usize, r: usize, off: u64, len: u64 },
-    Zero { v: usize, r: usize, off: u64, len: u64, unmap: bool },
-    Flush { v: usize },
-    Snapshot { v: usize },
-    Clone { v: usize },
-    Revert { v: usize, s: usize },
-    Delete { v: usize },
-    Resize { v: usize },
+    Write {
+        v: usize,
+        r: usize,
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        v: usize,
+        r: usize,
+        off: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Flush {
+        v: usize,
+    },
+    Snapshot {
+        v: usize,
+    },
+    Clone {
+        v: usize,
+    },
+    Revert {
+        v: usize,
+        s: usize,
+    },
+    Delete {
+        v: usize,
+    },
+    Resize {
+        v: usize,
+    },
     DropBdevs,
-    Crash { seed: u64, keep: u8 },
-    CrashDuring { op: Box<Op>, budget: u8, seed: u64, keep: u8 },
+    Crash {
+        seed: u64,
+        keep: u8,
+    },
+    CrashDuring {
+        op: Box<Op>,
+        budget: u8,
+        seed: u64,
+        keep: u8,
+    },
 }
 
 impl Op {
@@ -133,7 +176,11 @@ impl Model {
         }
     }
     fn children(&self, name: &str) -> Vec<String> {
-        self.vols.iter().filter(|(_, m)| m.shape.parent.as_deref() == Some(name)).map(|(n, _)| n.clone()).collect()
+        self.vols
+            .iter()
+            .filter(|(_, m)| m.shape.parent.as_deref() == Some(name))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
     fn fresh(&mut self, prefix: &str) -> String {
         self.next += 1;
@@ -147,7 +194,8 @@ impl Model {
         match op {
             Op::Create => {
                 let n = self.fresh("v");
-                self.vols.insert(n, MVol::new(SIZE / BS as u64, None, false));
+                self.vols
+                    .insert(n, MVol::new(SIZE / BS as u64, None, false));
                 Ok
             }
             Op::Write { v, r, off, len } | Op::Zero { v, r, off, len, .. } => {
@@ -195,7 +243,11 @@ impl Model {
                 }
                 let c = self.fresh("c");
                 let mut m = self.vols[&n].clone();
-                m.shape = Shape { parent: Some(n), snapshot: false, num_blocks: m.shape.num_blocks };
+                m.shape = Shape {
+                    parent: Some(n),
+                    snapshot: false,
+                    num_blocks: m.shape.num_blocks,
+                };
                 self.vols.insert(c, m);
                 Ok
             }
@@ -262,16 +314,32 @@ fn decode(block: &[u8], b: u64) -> u32 {
         return 0;
     }
     let tag = u32::from_le_bytes(block[..4].try_into().unwrap());
-    assert_eq!(block, &pattern(tag, b, BS)[..], "block {b} holds neither zeroes nor a written pattern");
+    assert_eq!(
+        block,
+        &pattern(tag, b, BS)[..],
+        "block {b} holds neither zeroes nor a written pattern"
+    );
     tag
 }
 
 impl Harness {
     fn new() -> Harness {
         let fs = FaultStorage::new(512);
-        let store = LvStore::create(Arc::new(fs.clone()), "lvs", CreateOpts { block_size: 512, cluster_size: MIB })
-            .unwrap();
-        Harness { fs, store, bdevs: HashMap::new(), model: Model::default() }
+        let store = LvStore::create(
+            Arc::new(fs.clone()),
+            "lvs",
+            CreateOpts {
+                block_size: 512,
+                cluster_size: MIB,
+            },
+        )
+        .unwrap();
+        Harness {
+            fs,
+            store,
+            bdevs: HashMap::new(),
+            model: Model::default(),
+        }
     }
 
     fn bdev(&mut self, name: &str) -> Result<Arc<LvolBdev>, i32> {
@@ -301,7 +369,9 @@ impl Harness {
                 res(self.store.create_lvol(&n, SIZE, true).map(|_| ()))
             }
             Op::Write { v, r, off, len } => {
-                let Some(n) = m.pick(*v) else { return Outcome::Ok };
+                let Some(n) = m.pick(*v) else {
+                    return Outcome::Ok;
+                };
                 m.next += 1;
                 let tag = m.next;
                 let b0 = REGIONS[r % 4] + off;
@@ -311,8 +381,16 @@ impl Harness {
                     Err(e) => Outcome::Errno(e),
                 }
             }
-            Op::Zero { v, r, off, len, unmap: u } => {
-                let Some(n) = m.pick(*v) else { return Outcome::Ok };
+            Op::Zero {
+                v,
+                r,
+                off,
+                len,
+                unmap: u,
+            } => {
+                let Some(n) = m.pick(*v) else {
+                    return Outcome::Ok;
+                };
                 let b0 = REGIONS[r % 4] + off;
                 match self.bdev(&n) {
                     Ok(b) if *u => io(unmap(&*b, b0, *len)),
@@ -321,28 +399,38 @@ impl Harness {
                 }
             }
             Op::Flush { v } => {
-                let Some(n) = m.pick(*v) else { return Outcome::Ok };
+                let Some(n) = m.pick(*v) else {
+                    return Outcome::Ok;
+                };
                 match self.bdev(&n) {
                     Ok(b) => io(flush(&*b)),
                     Err(e) => Outcome::Errno(e),
                 }
             }
             Op::Snapshot { v } => {
-                let Some(n) = m.pick(*v) else { return Outcome::Ok };
+                let Some(n) = m.pick(*v) else {
+                    return Outcome::Ok;
+                };
                 let s = m.fresh("s");
                 res(self.store.snapshot(&n, &s).map(|_| ()))
             }
             Op::Clone { v } => {
-                let Some(n) = m.pick(*v) else { return Outcome::Ok };
+                let Some(n) = m.pick(*v) else {
+                    return Outcome::Ok;
+                };
                 let c = m.fresh("c");
                 res(self.store.clone_snapshot(&n, &c).map(|_| ()))
             }
             Op::Revert { v, s } => {
-                let (Some(n), Some(sn)) = (m.pick(*v), m.pick(*s)) else { return Outcome::Ok };
+                let (Some(n), Some(sn)) = (m.pick(*v), m.pick(*s)) else {
+                    return Outcome::Ok;
+                };
                 res(self.store.revert(&n, &sn))
             }
             Op::Delete { v } => {
-                let Some(n) = m.pick(*v) else { return Outcome::Ok };
+                let Some(n) = m.pick(*v) else {
+                    return Outcome::Ok;
+                };
                 let r = res(self.store.delete(&n));
                 if r == Outcome::Ok {
                     self.bdevs.remove(&n);
@@ -350,7 +438,9 @@ impl Harness {
                 r
             }
             Op::Resize { v } => {
-                let Some(n) = m.pick(*v) else { return Outcome::Ok };
+                let Some(n) = m.pick(*v) else {
+                    return Outcome::Ok;
+                };
                 let cur = m.vols[&n].shape.num_blocks * BS as u64;
                 res(self.store.resize(&n, cur + MIB))
             }
@@ -368,20 +458,36 @@ impl Harness {
         self.bdevs.clear();
         let fs = self.fs.power_loss(seed, keep_prob(keep));
         self.fs = fs;
-        self.store = LvStore::open(Arc::new(self.fs.clone()), None).expect("store reopens after power loss");
+        self.store =
+            LvStore::open(Arc::new(self.fs.clone()), None).expect("store reopens after power loss");
         let shapes: BTreeMap<String, Shape> = self
             .store
             .lvols()
             .unwrap()
             .into_iter()
             .map(|i| {
-                (i.name, Shape { parent: i.base_snapshot, snapshot: i.is_snapshot, num_blocks: i.num_blocks })
+                (
+                    i.name,
+                    Shape {
+                        parent: i.base_snapshot,
+                        snapshot: i.is_snapshot,
+                        num_blocks: i.num_blocks,
+                    },
+                )
             })
             .collect();
         let model = candidates
             .iter()
-            .find(|m| m.vols.iter().map(|(n, v)| (n.clone(), v.shape.clone())).collect::<BTreeMap<_, _>>() == shapes)
-            .unwrap_or_else(|| panic!("after the crash the store has {shapes:#?}, none of {candidates:#?}"));
+            .find(|m| {
+                m.vols
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.shape.clone()))
+                    .collect::<BTreeMap<_, _>>()
+                    == shapes
+            })
+            .unwrap_or_else(|| {
+                panic!("after the crash the store has {shapes:#?}, none of {candidates:#?}")
+            });
         let mut model = (*model).clone();
         for (name, vol) in model.vols.iter_mut() {
             let b = self.store.bdev(name).unwrap();
@@ -390,7 +496,10 @@ impl Harness {
             for k in keys {
                 let got = decode(&read(&*b, k, 1).unwrap(), k);
                 let ok = vol.acceptable(k);
-                assert!(ok.contains(&got), "{name} block {k}: read {got}, acceptable {ok:?}");
+                assert!(
+                    ok.contains(&got),
+                    "{name} block {k}: read {got}, acceptable {ok:?}"
+                );
                 if got == 0 {
                     vol.durable.remove(&k);
                 } else {
@@ -407,7 +516,11 @@ impl Harness {
         for (name, vol) in &model.vols {
             let b = self.bdev(name).unwrap();
             for (k, want) in vol.keys().into_iter().map(|k| (k, vol.current(k))) {
-                assert_eq!(decode(&read(&*b, k, 1).unwrap(), k), want, "{name} block {k}");
+                assert_eq!(
+                    decode(&read(&*b, k, 1).unwrap(), k),
+                    want,
+                    "{name} block {k}"
+                );
             }
         }
     }
@@ -418,7 +531,12 @@ impl Harness {
                 let m = self.model.clone();
                 self.crash(*seed, *keep, &[&m]);
             }
-            Op::CrashDuring { op, budget, seed, keep } => {
+            Op::CrashDuring {
+                op,
+                budget,
+                seed,
+                keep,
+            } => {
                 if matches!(**op, Op::Crash { .. } | Op::CrashDuring { .. }) {
                     return;
                 }
@@ -434,7 +552,11 @@ impl Harness {
                 if op.is_data() {
                     // Write/zero: the superset of acceptable values is `after`;
                     // flush: `before` (nothing more became certain).
-                    let m = if matches!(**op, Op::Flush { .. }) { before } else { after };
+                    let m = if matches!(**op, Op::Flush { .. }) {
+                        before
+                    } else {
+                        after
+                    };
                     self.crash(*seed, *keep, &[&m]);
                 } else if !died && got == Outcome::Ok {
                     self.crash(*seed, *keep, &[&after]);
@@ -501,14 +623,46 @@ fn every_step_of_every_operation() {
     let setup = |h: &mut Harness| {
         for op in [
             Op::Create,
-            Op::Write { v: 0, r: 0, off: 0, len: 8 },
-            Op::Write { v: 0, r: 1, off: 10, len: 40 },
+            Op::Write {
+                v: 0,
+                r: 0,
+                off: 0,
+                len: 8,
+            },
+            Op::Write {
+                v: 0,
+                r: 1,
+                off: 10,
+                len: 40,
+            },
             Op::Snapshot { v: 0 }, // s3, v1 on top
-            Op::Write { v: 0, r: 1, off: 20, len: 4 },
-            Op::Zero { v: 1, r: 0, off: 2, len: 3, unmap: false },
-            Op::Zero { v: 1, r: 1, off: 30, len: 4, unmap: true },
+            Op::Write {
+                v: 0,
+                r: 1,
+                off: 20,
+                len: 4,
+            },
+            Op::Zero {
+                v: 1,
+                r: 0,
+                off: 2,
+                len: 3,
+                unmap: false,
+            },
+            Op::Zero {
+                v: 1,
+                r: 1,
+                off: 30,
+                len: 4,
+                unmap: true,
+            },
             Op::Snapshot { v: 1 }, // v1 -> s5 -> s3
-            Op::Write { v: 0, r: 2, off: 0, len: 8 },
+            Op::Write {
+                v: 0,
+                r: 2,
+                off: 0,
+                len: 8,
+            },
         ] {
             h.step(&op);
         }
@@ -536,10 +690,14 @@ fn every_step_of_every_operation() {
             for budget in 0..=steps {
                 let mut h = Harness::new();
                 setup(&mut h);
-                h.step(&Op::CrashDuring { op: Box::new(op.clone()), budget: budget as u8, seed: budget, keep });
+                h.step(&Op::CrashDuring {
+                    op: Box::new(op.clone()),
+                    budget: budget as u8,
+                    seed: budget,
+                    keep,
+                });
                 h.verify_exact();
             }
         }
     }
 }
-

@@ -5,6 +5,8 @@
 //! there: flushed writes readable (later ones may or may not be), reported
 //! snapshots present with exactly their content. Three rounds on one store.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -25,35 +27,47 @@ fn block_of(i: u64) -> u64 {
 /// Entry point of the child process; a no-op when run as a normal test.
 #[test]
 fn kill9_child_entry() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let start: u64 = std::env::var("LVOL_KILL9_START").unwrap().parse().unwrap();
     let dir = std::path::PathBuf::from(dir);
     let s = match LvStore::open_dir(&dir, None) {
         Ok(s) => s,
         Err(_) => {
-            let s = LvStore::create_dir(&dir, "lvs", CreateOpts { block_size: 4096, cluster_size: 1 << 20 }).unwrap();
+            let s = LvStore::create_dir(
+                &dir,
+                "lvs",
+                CreateOpts {
+                    block_size: 4096,
+                    cluster_size: 1 << 20,
+                },
+            )
+            .unwrap();
             s.create_lvol("vol", N * BS as u64, true).unwrap();
             s
         }
     };
     // the io_uring data path, as the dataplane runs it
-    s.set_reactor(Some(std::sync::Arc::new(bdev::uring::Reactor::new("kill9").unwrap())));
+    s.set_reactor(Some(std::sync::Arc::new(
+        bdev::uring::Reactor::new("kill9").unwrap(),
+    )));
     let vol = s.bdev("vol").unwrap();
     assert!(vol.uses_io_uring());
     let mut i = start;
     loop {
         i += 1;
         write(&*vol, block_of(i), &pattern(i as u32, block_of(i), BS)).unwrap();
-        if i % 8 == 0 {
+        if i.is_multiple_of(8) {
             flush(&*vol).unwrap();
             println!("flushed {i}");
         }
-        if i % 200 == 0 {
+        if i.is_multiple_of(200) {
             let name = format!("snap{i}");
             s.snapshot("vol", &name).unwrap();
             println!("snapshot {i}");
         }
-        if i % 600 == 0 {
+        if i.is_multiple_of(600) {
             // merge the oldest snapshot away, under the same kill
             let chain = s.chain("vol").unwrap();
             if chain.len() > 3 {
@@ -75,7 +89,11 @@ fn expect(base: &[u64], start: u64, upto: u64) -> Vec<u64> {
 }
 
 fn tag_of(blk: &[u8], b: u64) -> u64 {
-    let tag = if blk.iter().all(|&x| x == 0) { 0 } else { u32::from_le_bytes(blk[..4].try_into().unwrap()) };
+    let tag = if blk.iter().all(|&x| x == 0) {
+        0
+    } else {
+        u32::from_le_bytes(blk[..4].try_into().unwrap())
+    };
     assert_eq!(blk, &pattern(tag, b, BS)[..], "block {b} is garbage");
     tag as u64
 }
@@ -94,7 +112,12 @@ fn kill9_at_random_moments_keeps_flushed_data_and_snapshots() {
     let mut verified = 0;
     for round in 0..3u64 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "kill9_child_entry", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "kill9_child_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, d.path())
             .env("LVOL_KILL9_START", start.to_string())
             .stdout(Stdio::piped())
@@ -117,7 +140,9 @@ fn kill9_at_random_moments_keeps_flushed_data_and_snapshots() {
         // What the child printed before it died was acknowledged too.
         events.extend(lines.map_while(Result::ok));
         for line in &events {
-            let Some((what, n)) = line.split_once(' ') else { continue };
+            let Some((what, n)) = line.split_once(' ') else {
+                continue;
+            };
             let Ok(n) = n.parse::<u64>() else { continue };
             match what {
                 "flushed" => flushed = n,
@@ -153,7 +178,9 @@ fn kill9_at_random_moments_keeps_flushed_data_and_snapshots() {
         for l in s.lvols().unwrap() {
             if let Some(n) = l.name.strip_prefix("snap") {
                 let n: u64 = n.parse().unwrap();
-                snaps.entry(n).or_insert_with(|| Some(expect(&old_base, start, n)));
+                snaps
+                    .entry(n)
+                    .or_insert_with(|| Some(expect(&old_base, start, n)));
             }
         }
         let oldest = snaps.iter().find(|(_, v)| v.is_some()).map(|(k, _)| *k);
@@ -170,7 +197,9 @@ fn kill9_at_random_moments_keeps_flushed_data_and_snapshots() {
                 }
                 // the oldest may have been merged away just before the kill
                 (Some(_), Err(_)) if Some(at) == oldest => *exp = None,
-                (Some(_), Err(e)) => panic!("round {round}: reported snapshot {name} is missing: {e}"),
+                (Some(_), Err(e)) => {
+                    panic!("round {round}: reported snapshot {name} is missing: {e}")
+                }
                 (None, Ok(_)) => panic!("round {round}: deleted snapshot {name} is back"),
                 (None, Err(_)) => {}
             }

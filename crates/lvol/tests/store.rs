@@ -1,6 +1,8 @@
 //! Behaviour of the store through its public API, on a real directory (and on
 //! the fault-injecting storage where a full disk is needed).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
 mod common;
 
 use std::sync::Arc;
@@ -14,7 +16,10 @@ const BS: usize = 4096;
 const MIB: u64 = 1 << 20;
 
 fn opts() -> CreateOpts {
-    CreateOpts { block_size: 4096, cluster_size: MIB }
+    CreateOpts {
+        block_size: 4096,
+        cluster_size: MIB,
+    }
 }
 
 fn blocks(tag: u32, from: u64, n: u64) -> Vec<u8> {
@@ -39,10 +44,16 @@ fn identity_is_recorded_and_checked() {
     drop(s);
     let other = uuid::Uuid::new_v4();
     let e = LvStore::open_dir(d.path(), Some(other)).unwrap_err();
-    assert!(matches!(e, LvolError::WrongStore { found, .. } if found == u), "{e}");
+    assert!(
+        matches!(e, LvolError::WrongStore { found, .. } if found == u),
+        "{e}"
+    );
     // an empty directory is no store
     let empty = TempDir::new("empty");
-    assert!(matches!(LvStore::open_dir(empty.path(), None), Err(LvolError::NoStore { .. })));
+    assert!(matches!(
+        LvStore::open_dir(empty.path(), None),
+        Err(LvolError::NoStore { .. })
+    ));
     // a damaged metadata file is refused, not misread
     let meta = d.path().join(lvol::meta::META_FILE);
     let mut bytes = std::fs::read(&meta).unwrap();
@@ -96,7 +107,10 @@ fn snapshot_clone_revert_and_persistence() {
     let s1 = s.bdev("s1").unwrap();
     assert!(!s1.writable());
     assert_eq!(read(&*s1, 0, 8).unwrap(), blocks(1, 0, 8));
-    assert_eq!(write(&*s1, 0, &blocks(9, 0, 1)).unwrap_err(), IoError::ReadOnly);
+    assert_eq!(
+        write(&*s1, 0, &blocks(9, 0, 1)).unwrap_err(),
+        IoError::ReadOnly
+    );
     assert_eq!(unmap(&*s1, 0, 1).unwrap_err(), IoError::ReadOnly);
     flush(&*s1).unwrap();
     // snapshot of a snapshot is refused; names are unique
@@ -110,9 +124,17 @@ fn snapshot_clone_revert_and_persistence() {
     write(&*c1, 0, &blocks(3, 0, 1)).unwrap();
     assert_eq!(read(&*c1, 0, 1).unwrap(), blocks(3, 0, 1));
     assert_eq!(read(&*vol, 0, 1).unwrap(), blocks(1, 0, 1));
-    assert_eq!(s.clone_snapshot("vol", "c2").unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        s.clone_snapshot("vol", "c2").unwrap_err().errno(),
+        libc::EINVAL
+    );
     // listing
-    let chain: Vec<String> = s.chain("vol").unwrap().into_iter().map(|i| i.name).collect();
+    let chain: Vec<String> = s
+        .chain("vol")
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
     assert_eq!(chain, vec!["vol", "s1"]);
     let info = s.lvol("s1").unwrap();
     assert!(info.is_snapshot && info.clones.len() == 2);
@@ -127,11 +149,17 @@ fn snapshot_clone_revert_and_persistence() {
     let s = LvStore::open_dir(d.path(), None).unwrap();
     let vol = s.bdev("vol").unwrap();
     assert_eq!(read(&*vol, 0, 12).unwrap(), expect);
-    assert_eq!(read(&*s.bdev("c1").unwrap(), 0, 2).unwrap(), [blocks(3, 0, 1), blocks(1, 1, 1)].concat());
+    assert_eq!(
+        read(&*s.bdev("c1").unwrap(), 0, 2).unwrap(),
+        [blocks(3, 0, 1), blocks(1, 1, 1)].concat()
+    );
 
     // revert drops what the head wrote since s1, on the same bdev
     s.revert("vol", "s1").unwrap();
-    assert_eq!(read(&*vol, 0, 12).unwrap(), [blocks(1, 0, 8), vec![0; 4 * BS]].concat());
+    assert_eq!(
+        read(&*vol, 0, 12).unwrap(),
+        [blocks(1, 0, 8), vec![0; 4 * BS]].concat()
+    );
     write(&*vol, 10, &blocks(4, 10, 1)).unwrap();
     assert_eq!(read(&*vol, 10, 1).unwrap(), blocks(4, 10, 1));
     assert_eq!(s.revert("vol", "c1").unwrap_err().errno(), libc::EINVAL);
@@ -158,7 +186,10 @@ fn snapshot_delete_merges_without_changing_any_reader() {
     // two lvols on s1 (s2 and a clone): not deletable
     s.clone_snapshot("s1", "c").unwrap();
     let e = s.delete("s1").unwrap_err();
-    assert!(matches!(&e, LvolError::HasClones { clones, .. } if clones.len() == 2), "{e}");
+    assert!(
+        matches!(&e, LvolError::HasClones { clones, .. } if clones.len() == 2),
+        "{e}"
+    );
     assert_eq!(e.errno(), libc::EPERM);
     s.delete("c").unwrap();
 
@@ -224,7 +255,11 @@ fn merge_into_head_under_io_with(uring: bool) {
             write(&*v2, b, &pattern(tag, b, BS)).unwrap();
             model[b as usize] = tag;
             let r = (i as u64 * 104_729) % n;
-            assert_eq!(read(&*v2, r, 1).unwrap(), pattern(model[r as usize], r, BS), "block {r}");
+            assert_eq!(
+                read(&*v2, r, 1).unwrap(),
+                pattern(model[r as usize], r, BS),
+                "block {r}"
+            );
         }
         model
     });
@@ -233,7 +268,11 @@ fn merge_into_head_under_io_with(uring: bool) {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let model = t.join().unwrap();
     for b in 0..n {
-        assert_eq!(read(&*vol, b, 1).unwrap(), pattern(model[b as usize], b, BS), "block {b}");
+        assert_eq!(
+            read(&*vol, b, 1).unwrap(),
+            pattern(model[b as usize], b, BS),
+            "block {b}"
+        );
     }
     assert_eq!(s.chain("vol").unwrap().len(), 1);
 }
@@ -262,7 +301,10 @@ fn write_zeroes_never_exposes_snapshot_data_and_unmap_frees_space() {
     let s = LvStore::open_dir(d.path(), None).unwrap();
     let vol = s.bdev("vol").unwrap();
     assert!(read(&*vol, 32, 80).unwrap().iter().all(|&x| x == 0));
-    assert_eq!(read(&*s.bdev("s1").unwrap(), 32, 32).unwrap(), blocks(1, 32, 32));
+    assert_eq!(
+        read(&*s.bdev("s1").unwrap(), 32, 32).unwrap(),
+        blocks(1, 32, 32)
+    );
 }
 
 #[test]
@@ -279,11 +321,26 @@ fn fragmaps_and_checksums() {
     let f = s.fragmap("a", 0, 0, FragmapScope::Chain).unwrap();
     assert_eq!(f.ranges, vec![(10, 12)]);
     assert_eq!(f.num_allocated_blocks, 12);
-    let f = s.fragmap("a", 16 * 4096, 8 * 4096, FragmapScope::Chain).unwrap();
-    assert_eq!((f.offset_blocks, f.num_blocks, f.ranges.clone()), (16, 8, vec![(16, 6)]));
+    let f = s
+        .fragmap("a", 16 * 4096, 8 * 4096, FragmapScope::Chain)
+        .unwrap();
+    assert_eq!(
+        (f.offset_blocks, f.num_blocks, f.ranges.clone()),
+        (16, 8, vec![(16, 6)])
+    );
     assert_eq!(f.to_bitmap(), vec![0b0011_1111]);
-    assert_eq!(s.fragmap("a", 1, 4096, FragmapScope::Layer).unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(s.fragmap("a", 0, 8 * MIB, FragmapScope::Layer).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        s.fragmap("a", 1, 4096, FragmapScope::Layer)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        s.fragmap("a", 0, 8 * MIB, FragmapScope::Layer)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
 
     // same content, different layering: same checksum
     s.snapshot("a", "a2").unwrap();
@@ -319,7 +376,10 @@ fn bad_input_changes_nothing() {
     ];
     let codes: Vec<i32> = errs.iter().map(|e| e.errno()).collect();
     use libc::{EEXIST, EINVAL, ENODEV, EPERM};
-    assert_eq!(codes, vec![EEXIST, EINVAL, EINVAL, EINVAL, EINVAL, EINVAL, EPERM, ENODEV, ENODEV, ENODEV]);
+    assert_eq!(
+        codes,
+        vec![EEXIST, EINVAL, EINVAL, EINVAL, EINVAL, EINVAL, EPERM, ENODEV, ENODEV, ENODEV]
+    );
     assert_eq!(s.lvols().unwrap(), before);
     // the lvs/ alias must name this store
     assert_eq!(s.lvol("other/vol").unwrap_err().errno(), ENODEV);
@@ -332,7 +392,10 @@ fn resize_grows_online() {
     s.create_lvol("vol", MIB, true).unwrap();
     let vol = s.bdev("vol").unwrap();
     write(&*vol, 255, &blocks(1, 255, 1)).unwrap();
-    assert_eq!(write(&*vol, 256, &blocks(1, 256, 1)).unwrap_err(), IoError::OutOfRange);
+    assert_eq!(
+        write(&*vol, 256, &blocks(1, 256, 1)).unwrap_err(),
+        IoError::OutOfRange
+    );
     s.resize("vol", 3 * MIB - 100).unwrap(); // rounded up to the cluster
     assert_eq!(vol.num_blocks(), 768);
     write(&*vol, 767, &blocks(2, 767, 1)).unwrap();
@@ -401,10 +464,18 @@ fn registry_maps_names_like_spdk() {
     let d2 = TempDir::new("reg2");
     let r = Lvstores::new();
     let u1 = r.create_lvstore(d1.path(), "lvs1", opts()).unwrap();
-    assert_eq!(r.create_lvstore(d2.path(), "lvs1", opts()).unwrap_err().errno(), libc::EEXIST);
+    assert_eq!(
+        r.create_lvstore(d2.path(), "lvs1", opts())
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
     r.create_lvstore(d2.path(), "lvs2", opts()).unwrap();
     assert_eq!(r.get_lvstores(None).unwrap().len(), 2);
-    assert_eq!(r.get_lvstores(Some(&u1.to_string())).unwrap()[0].name, "lvs1");
+    assert_eq!(
+        r.get_lvstores(Some(&u1.to_string())).unwrap()[0].name,
+        "lvs1"
+    );
     r.get("lvs2").unwrap().create_lvol("v", MIB, true).unwrap();
     assert_eq!(r.bdev("lvs2/v").unwrap().alias(), "lvs2/v");
     assert_eq!(r.get_lvols(None).unwrap().len(), 1);
@@ -412,9 +483,15 @@ fn registry_maps_names_like_spdk() {
     let b = r.bdev("lvs2/v").unwrap();
     r.delete_lvstore("lvs2").unwrap();
     assert_eq!(read(&*b, 0, 1).unwrap_err(), IoError::Removed);
-    assert_eq!(r.get_lvstores(Some("lvs2")).unwrap_err().errno(), libc::ENODEV);
+    assert_eq!(
+        r.get_lvstores(Some("lvs2")).unwrap_err().errno(),
+        libc::ENODEV
+    );
     // the directory is no store any more; it can be made one again
-    assert!(matches!(LvStore::open_dir(d2.path(), None), Err(LvolError::NoStore { .. })));
+    assert!(matches!(
+        LvStore::open_dir(d2.path(), None),
+        Err(LvolError::NoStore { .. })
+    ));
     assert_eq!(std::fs::read_dir(d2.path()).unwrap().count(), 0);
     // reload the first from disk into a new registry
     let r2 = Lvstores::new();
@@ -424,7 +501,15 @@ fn registry_maps_names_like_spdk() {
 #[test]
 fn block_size_512_needs_no_read_modify_write() {
     let d = TempDir::new("bs512");
-    let s = LvStore::create_dir(d.path(), "lvs", CreateOpts { block_size: 512, cluster_size: MIB }).unwrap();
+    let s = LvStore::create_dir(
+        d.path(),
+        "lvs",
+        CreateOpts {
+            block_size: 512,
+            cluster_size: MIB,
+        },
+    )
+    .unwrap();
     s.create_lvol("vol", MIB, true).unwrap();
     let vol = s.bdev("vol").unwrap();
     let p = |t, b| pattern(t, b, 512);
@@ -433,7 +518,9 @@ fn block_size_512_needs_no_read_modify_write() {
     // one 512-byte block inside a 4 KiB page whose other blocks live in s
     vol_write_512(&*vol, 3, &p(2, 3));
     let got = read(&*vol, 0, 8).unwrap();
-    let want: Vec<u8> = (0..8).flat_map(|b| if b == 3 { p(2, b) } else { p(1, b) }).collect();
+    let want: Vec<u8> = (0..8)
+        .flat_map(|b| if b == 3 { p(2, b) } else { p(1, b) })
+        .collect();
     assert_eq!(got, want);
     assert_eq!(s.lvol("vol").unwrap().num_allocated_blocks, 1);
 }
@@ -448,7 +535,8 @@ fn vol_write_512(b: &dyn Bdev, off: u64, data: &[u8]) {
 fn io_uring_queue_depth_32_over_a_chain() {
     use bdev::{BdevIo, Completion, IoBuf, IoSink};
     use std::sync::mpsc;
-    struct Chan(Mutex<mpsc::Sender<(u64, BdevIo, Result<(), IoError>)>>);
+    type Done = (u64, BdevIo, Result<(), IoError>);
+    struct Chan(Mutex<mpsc::Sender<Done>>);
     impl IoSink for Chan {
         fn complete(&self, tag: u64, io: BdevIo, r: Result<(), IoError>) {
             let _ = self.0.lock().send((tag, io, r));
@@ -479,7 +567,10 @@ fn io_uring_queue_depth_32_over_a_chain() {
                 model[x as usize] = u32::MAX; // in flight
             }
             let data: Vec<u8> = (b..b + len).flat_map(|x| pattern(tag, x, BS)).collect();
-            vol.submit(BdevIo::write(b, len, IoBuf::from_slice(&data), false), Completion::new(sink.clone(), tag as u64));
+            vol.submit(
+                BdevIo::write(b, len, IoBuf::from_slice(&data), false),
+                Completion::new(sink.clone(), tag as u64),
+            );
             inflight += 1;
         }
         for _ in 0..inflight {
@@ -495,7 +586,10 @@ fn io_uring_queue_depth_32_over_a_chain() {
         // 32 reads in flight, each spanning several layers
         for k in 0..32u64 {
             let b = (k * 97) % (n - 40);
-            vol.submit(BdevIo::read(b, 40, IoBuf::zeroed(40 * BS)), Completion::new(sink.clone(), k));
+            vol.submit(
+                BdevIo::read(b, 40, IoBuf::zeroed(40 * BS)),
+                Completion::new(sink.clone(), k),
+            );
         }
         for _ in 0..32 {
             let (_, io, r) = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
@@ -515,6 +609,9 @@ fn io_uring_queue_depth_32_over_a_chain() {
     let vol = s.bdev("vol").unwrap();
     let all = read(&*vol, 0, n).unwrap();
     for b in 0..n {
-        assert_eq!(&all[(b as usize) * BS..(b as usize + 1) * BS], &pattern(model[b as usize], b, BS)[..]);
+        assert_eq!(
+            &all[(b as usize) * BS..(b as usize + 1) * BS],
+            &pattern(model[b as usize], b, BS)[..]
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p nvmf --example host_perf -- [--target ADDR:PORT --nqn NQN]
 //!     [--qd 32] [--size 4096] [--rw randread|randwrite|read|write] [--secs 5]
-//!     [--mode poll|wait|bdev] [--host-cpu 1] [--target-cpu 0] [--ddgst] [--hdgst]
+//!     [--mode poll|wait|bdev] [--poll-us 0] [--host-cpu 1] [--target-cpu 0] [--ddgst] [--hdgst]
 //! ```
 //! Without `--target` it starts corral's target in-process (a 1 GiB malloc
 //! namespace) on a thread pinned to `--target-cpu`; the host runs on a thread
@@ -13,7 +13,7 @@
 //! Modes: `poll` busy-polls an IoQpair (SPDK's model), `wait` drives an IoQpair
 //! and sleeps in epoll between completions, `bdev` submits through
 //! `HostController::submit` (the path a raid or an NBD export uses: inbox and
-//! queue task).
+//! queue task; `--poll-us` sets the queue task's busy-poll window).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,6 +76,7 @@ struct Args {
     target_cpu: usize,
     hdgst: bool,
     ddgst: bool,
+    poll_us: u32,
 }
 
 fn args() -> Args {
@@ -91,6 +92,7 @@ fn args() -> Args {
         target_cpu: 0,
         hdgst: false,
         ddgst: false,
+        poll_us: 0,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -104,6 +106,7 @@ fn args() -> Args {
             "--rw" => a.rw = val(),
             "--secs" => a.secs = val().parse().unwrap(),
             "--mode" => a.mode = val(),
+            "--poll-us" => a.poll_us = val().parse().unwrap(),
             "--host-cpu" => a.host_cpu = val().parse().unwrap(),
             "--target-cpu" => a.target_cpu = val().parse().unwrap(),
             "--hdgst" => {
@@ -260,6 +263,7 @@ fn main() {
         let mut o = ControllerOpts::new(TransportId::new(ip, port, &a.nqn));
         o.hdgst = a.hdgst;
         o.ddgst = a.ddgst;
+        o.io_poll_us = a.poll_us;
         o.num_io_queues = if a.mode == "bdev" { 1 } else { 0 };
         o.extra_io_qpairs = 1;
         o.io_queue_depth = (a.qd as u16).max(2);

@@ -116,6 +116,8 @@ async fn concurrent_verified_io_over_several_queues_digests_on_and_off() {
         o.ddgst = digests;
         o.num_io_queues = 4;
         o.io_queue_depth = 32;
+        // the busy-poll window of the queue tasks, on one of the two runs
+        o.io_poll_us = if digests { 0 } else { 30 };
         let c = HostController::connect(o).await.unwrap();
         assert_eq!(c.queues().len(), 4);
         let snap = c.snapshot();

@@ -26,17 +26,29 @@ fn envelope(body: &[u8]) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
-    let parsed = if mode & 1 == 0 { meta::decode(rest) } else { meta::decode_body(rest) };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let parsed = if mode & 1 == 0 {
+        meta::decode(rest)
+    } else {
+        meta::decode_body(rest)
+    };
     if let Ok(m) = &parsed {
         // Whatever is accepted re-encodes to something accepted and equal.
         let again = meta::decode(&meta::encode(m)).expect("re-encoded metadata parses");
         assert_eq!(&again, m);
     }
     if mode & 2 != 0 {
-        let bytes = if mode & 1 == 0 { rest.to_vec() } else { envelope(rest) };
+        let bytes = if mode & 1 == 0 {
+            rest.to_vec()
+        } else {
+            envelope(rest)
+        };
         let fs = lvol::fault::FaultStorage::new(512);
-        let f = fs.open(meta::META_FILE, Open::Create, false).expect("in-memory file");
+        let f = fs
+            .open(meta::META_FILE, Open::Create, false)
+            .expect("in-memory file");
         f.write_at(0, &bytes).expect("in-memory write");
         // Layer files are missing: an accepted metadata must still fail cleanly.
         let _ = lvol::LvStore::open(Arc::new(fs), None);

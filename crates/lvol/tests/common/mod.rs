@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: blocking I/O on a bdev and
 //! temporary directories.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -9,7 +9,9 @@ use std::sync::Arc;
 use bdev::{Bdev, BdevIo, Completion, IoBuf, IoError, IoSink};
 use parking_lot::Mutex;
 
-struct Waiter(Mutex<Option<mpsc::Sender<(BdevIo, Result<(), IoError>)>>>);
+type Done = (BdevIo, Result<(), IoError>);
+
+struct Waiter(Mutex<Option<mpsc::Sender<Done>>>);
 
 impl IoSink for Waiter {
     fn complete(&self, _tag: u64, io: BdevIo, result: Result<(), IoError>) {
@@ -22,8 +24,12 @@ impl IoSink for Waiter {
 /// Submits `io` and waits for its completion (inline or on another thread).
 pub fn run(b: &dyn Bdev, io: BdevIo) -> (BdevIo, Result<(), IoError>) {
     let (tx, rx) = mpsc::channel();
-    b.submit(io, Completion::new(Arc::new(Waiter(Mutex::new(Some(tx)))), 0));
-    rx.recv_timeout(std::time::Duration::from_secs(30)).expect("I/O completes")
+    b.submit(
+        io,
+        Completion::new(Arc::new(Waiter(Mutex::new(Some(tx)))), 0),
+    );
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("I/O completes")
 }
 
 pub fn read(b: &dyn Bdev, off: u64, n: u64) -> Result<Vec<u8>, IoError> {

@@ -532,6 +532,7 @@ async fn bring_up(
         events.clone(),
         generation,
         0,
+        Duration::ZERO,
     ));
     let guard = AdminGuard {
         shared: shared.clone(),
@@ -764,6 +765,7 @@ impl Inner {
                 self.events.clone(),
                 sess.generation,
                 self.opts.io_retry_count,
+                Duration::from_micros(self.opts.io_poll_us as u64),
             )));
         }
     }

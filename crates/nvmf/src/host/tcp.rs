@@ -686,6 +686,22 @@ fn deliver<C: QueueCtx>(
     }
 }
 
+/// Reads without waiting until something arrives or `until` passes; true if
+/// something arrived.
+fn poll_for<C>(link: &mut Link<C>, until: Instant) -> Result<bool, LinkError> {
+    let mut spins = 0u32;
+    loop {
+        if link.st.read_process(link.fd.get_ref())? > 0 {
+            return Ok(true);
+        }
+        spins += 1;
+        if spins.is_multiple_of(16) && Instant::now() >= until {
+            return Ok(false);
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Resubmits retries whose pause is over; returns when the next one is due.
 fn release_due<C>(
     st: &mut LinkState<C>,
@@ -718,6 +734,7 @@ pub(crate) async fn run_queue<C: QueueCtx>(
     events: mpsc::UnboundedSender<QueueFailed>,
     generation: u64,
     retries: u8,
+    poll: Duration,
 ) -> QueueExit {
     let qid = link.qid();
     let mut scratch = Vec::with_capacity(64);
@@ -756,6 +773,23 @@ pub(crate) async fn run_queue<C: QueueCtx>(
         deliver(&mut link.st, &mut scratch, &mut delayed, retries, now);
         if link.st.core.tx_pending() && !link.st.tx_blocked {
             continue;
+        }
+        if !poll.is_zero() && link.st.core.in_flight() > 0 {
+            // Busy-poll the socket for a while before sleeping in epoll: the
+            // answer to a command just sent usually comes within microseconds,
+            // and waking from epoll costs more than that.
+            match poll_for(&mut link, now + poll) {
+                Ok(true) => {
+                    now = Instant::now();
+                    deliver(&mut link.st, &mut scratch, &mut delayed, retries, now);
+                    // This path skips the awaits below: take part in tokio's
+                    // cooperative budget so that other tasks still run.
+                    tokio::task::consume_budget().await;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
         }
         let st = &mut link.st;
         let fd = &link.fd;
