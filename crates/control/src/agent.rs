@@ -79,6 +79,9 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// The lvstore's metadata file in its directory (see crates/lvol/DESIGN.md).
+const LVSTORE_META: &str = "lvstore.meta";
+
 fn absent_code(e: &DpError) -> bool {
     matches!(e.code(), Some(-19) | Some(-2))
 }
@@ -120,14 +123,21 @@ impl Agent {
 
     // ------------------------------------------------------------ disks ----
 
-    /// Makes every configured disk an open lvstore (create or load).
+    /// Makes every configured disk an open lvstore (create or load). A disk
+    /// whose lvstore is loaded but whose metadata file vanished (the directory
+    /// was removed) is reported not ready: its data is gone, and it is never
+    /// silently re-created.
     pub async fn ensure_disks(&self) -> Vec<DiskStatus> {
         let mut out = Vec::new();
         let stores = self.call("bdev_lvol_get_lvstores", json!({})).await.unwrap_or(Value::Null);
         for (name, path) in &self.cfg.disks {
-            let have = stores.as_array().into_iter().flatten().any(|s| s["name"] == name.as_str());
+            let loaded = stores.as_array().into_iter().flatten().any(|s| s["name"] == name.as_str());
             let mut reason = None;
-            if !have {
+            if loaded {
+                if !path.join(LVSTORE_META).exists() {
+                    reason = Some(format!("{} is gone from {}: the disk's data is gone", LVSTORE_META, path.display()));
+                }
+            } else {
                 let _ = std::fs::create_dir_all(path);
                 let r = match self.call("corral_lvol_load_lvstore", json!({"base_dir": path})).await {
                     Ok(_) => Ok(()),
@@ -148,8 +158,8 @@ impl Agent {
                 path: path.display().to_string(),
                 total_bytes: total,
                 free_bytes: free,
-                ready: reason.is_none() && path.is_dir(),
-                reason: reason.or_else(|| (!path.is_dir()).then(|| "directory missing".to_string())),
+                ready: reason.is_none(),
+                reason,
             });
         }
         out
@@ -162,8 +172,7 @@ impl Agent {
         let lock = self.lock_for(&spec.name);
         let _g = lock.lock().await;
         let mut ev = Vec::new();
-        let disk_path = self
-            .cfg
+        self.cfg
             .disks
             .iter()
             .find(|(n, _)| n == &spec.disk)
@@ -173,17 +182,14 @@ impl Agent {
                 code: -22,
                 message: format!("disk {} is not configured on node {}", spec.disk, self.cfg.node),
             }))?;
-        if !disk_path.is_dir() {
+        // lvstore
+        let disks = self.ensure_disks().await;
+        if let Some(d) = disks.iter().find(|d| d.name == spec.disk && !d.ready) {
             return Err(StepError::new(format!("replica {}", spec.name), DpError::Rpc {
                 method: "ensure_replica".into(),
                 code: -2,
-                message: format!("disk directory {} is missing: replica data is gone", disk_path.display()),
+                message: format!("disk {} on node {}: {}", spec.disk, self.cfg.node, d.reason.clone().unwrap_or_default()),
             }));
-        }
-        // lvstore
-        let stores = self.call("bdev_lvol_get_lvstores", json!({})).await.map_err(|e| StepError::new("list lvstores", e))?;
-        if !stores.as_array().into_iter().flatten().any(|s| s["name"] == spec.disk.as_str()) {
-            self.ensure_disks().await;
         }
         // lvol
         let alias = naming::lvol_alias(&spec.disk, &spec.name);
@@ -407,6 +413,9 @@ impl Agent {
                     "reconnect_delay_sec": spec.knobs.reconnect_delay_sec,
                     "fast_io_fail_timeout_sec": spec.knobs.fast_io_fail_timeout_sec,
                     "fabrics_connect_timeout_us": 5_000_000u64,
+                    // A replica that stops answering is noticed within this,
+                    // then fast_io_fail bounds the stall (I7).
+                    "corral_io_timeout_ms": (spec.knobs.fast_io_fail_timeout_sec.max(1) as u64) * 1000,
                 });
                 match self.call("bdev_nvme_attach_controller", p).await {
                     Ok(_) => {

@@ -830,7 +830,8 @@ impl Manager {
         es.frontend = Some(spec.frontend);
         es.replicas.retain(|r| online.contains(&r.name));
         let st: EngineStatus = self.agent(&node, reqwest::Method::PUT, &format!("/v1/engines/{name}"), Some(&es)).await?;
-        self.emit_steps(&st.events);
+        // Phase 2 adopts what phase 1 just made: only report what changed.
+        self.emit_steps(&st.events.iter().filter(|e| e.outcome != "adopted").cloned().collect::<Vec<_>>());
         for r in &online {
             self.update_replica(r, |r| {
                 r.last_in_sync_epoch = v.epoch;

@@ -192,3 +192,89 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<String, String> {
         Err(out)
     }
 }
+
+/// A fio run against an NBD URI in the background.
+pub struct Fio {
+    pub child: Child,
+    pub out: PathBuf,
+}
+
+impl Fio {
+    /// Random 4 KiB writes over [offset, offset+size) at `rate` (e.g. "4m"),
+    /// then a verify pass (crc32c) of everything written.
+    pub fn write_verify(uri: &str, offset: u64, size: u64, rate: &str, out: &Path) -> Fio {
+        let child = Command::new("fio")
+            .args(["--name=load", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--output-format=json"])
+            .arg(format!("--uri={uri}"))
+            .arg(format!("--offset={offset}"))
+            .arg(format!("--size={size}"))
+            .arg(format!("--rate={rate}"))
+            .arg(format!("--output={}", out.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("fio (Debian package fio)");
+        Fio { child, out: out.to_path_buf() }
+    }
+
+    /// Waits for fio; Ok(json) if it exited 0 with no I/O or verify errors.
+    pub fn wait(mut self, t: Duration) -> Result<serde_json::Value, String> {
+        let t0 = Instant::now();
+        let st = loop {
+            if let Some(st) = self.child.try_wait().map_err(|e| e.to_string())? {
+                break st;
+            }
+            if t0.elapsed() > t {
+                let _ = self.child.kill();
+                return Err(format!("fio still running after {t:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let j: serde_json::Value = serde_json::from_str(text.find('{').map(|i| &text[i..]).unwrap_or("{}")).unwrap_or_default();
+        let errs = j["jobs"][0]["error"].as_i64().unwrap_or(-1);
+        if !st.success() || errs != 0 {
+            return Err(format!("fio failed ({st}, error {errs}): {err}\n{text}"));
+        }
+        Ok(j)
+    }
+}
+
+/// Largest completion latency of fio's writes, in seconds.
+pub fn fio_max_write_lat_s(j: &serde_json::Value) -> f64 {
+    j["jobs"][0]["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e9
+}
+
+/// Drops every TCP packet to or from the given local ports (nftables), so the
+/// connections on them hang as if their peer's machine had vanished: no FIN,
+/// no RST reaches the other side. Removed on drop.
+pub struct Blackhole {
+    table: String,
+}
+
+impl Blackhole {
+    pub fn ports(ports: &[u16]) -> Blackhole {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let table = format!("corral_t{}_{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        let set = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        let script = format!(
+            "table inet {table} {{\n chain out {{\n type filter hook output priority -10; policy accept;\n tcp sport {{ {set} }} drop\n tcp dport {{ {set} }} drop\n }}\n}}\n"
+        );
+        let mut c = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft (Debian package nftables)");
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success(), "nft failed for {script}");
+        Blackhole { table }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
+}

@@ -64,6 +64,10 @@ struct Attach {
     fabrics_connect_timeout_us: Option<u64>,
     #[serde(default)]
     keep_alive_timeout_ms: Option<u32>,
+    /// corral: bound of one I/O in flight; one that expires resets the
+    /// controller (then fast_io_fail applies). SPDK only has it globally.
+    #[serde(default)]
+    corral_io_timeout_ms: Option<u64>,
 }
 
 pub async fn attach(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
@@ -117,6 +121,9 @@ pub async fn attach(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     }
     if g.timeout_us > 0 {
         o.io_timeout = Duration::from_micros(g.timeout_us);
+    }
+    if let Some(ms) = a.corral_io_timeout_ms.filter(|&m| m > 0) {
+        o.io_timeout = Duration::from_millis(ms);
     }
     o.validate()
         .map_err(|e| RpcError::errno_msg(libc::EINVAL, e.to_string()))?;

@@ -381,9 +381,13 @@ async fn drive(
                 conn.on_completion(tag, io, r, &mut actions);
             }
         }
-        if qctl.is_closing() && !conn.is_closing() {
+        if qctl.is_closing() {
+            // The controller or the target ends this queue (keep-alive expiry,
+            // reset, subsystem or listener removed, shutdown): close at once,
+            // without answering commands still in flight, as SPDK disconnects
+            // a qpair; the host retries them on its next connection.
             info!(peer = %conn.peer(), reason = ?qctl.close_reason(), "closing queue");
-            conn.on_close();
+            break Ok(());
         }
         conn.poll_events();
         // 3. Write what is pending.
