@@ -621,19 +621,31 @@ impl Agent {
 
     /// The engine of `volume` as the dataplane reports it.
     pub async fn engine_status(&self, volume: &str, epoch: u64) -> StepResult<EngineStatus> {
+        let v = self.view().await.map_err(|e| StepError::new("read the dataplane", e))?;
+        Ok(self.engine_status_in(&v, volume, epoch))
+    }
+
+    /// One look at everything the dataplane holds: a handful of calls, however
+    /// many volumes there are (status must not slow down as volumes grow).
+    async fn view(&self) -> Result<DpView, DpError> {
+        let arr = |v: Value| if v.is_array() { v } else { Value::Array(Vec::new()) };
+        Ok(DpView {
+            subs: arr(self.call("nvmf_get_subsystems", json!({})).await?),
+            ctrls: arr(self.call("bdev_nvme_get_controllers", json!({})).await?),
+            lvols: arr(self.call("bdev_lvol_get_lvols", json!({})).await.unwrap_or(Value::Null)),
+            raids: arr(self.call("bdev_raid_get_bdevs", json!({"category": "all"})).await.unwrap_or(Value::Null)),
+            nbd: arr(self.call("corral_nbd_list", json!({})).await.unwrap_or(Value::Null)),
+        })
+    }
+
+    fn engine_status_in(&self, v: &DpView, volume: &str, epoch: u64) -> EngineStatus {
         let raid = naming::raid_name(volume);
-        let raids = self.call("bdev_raid_get_bdevs", json!({"category": "all"})).await.map_err(|e| StepError::new("list raids", e))?;
-        let entry = raids.as_array().into_iter().flatten().find(|r| r["name"] == raid.as_str()).cloned();
-        let mut members = Vec::new();
-        let mut raid_state = None;
-        if let Some(e) = &entry {
-            raid_state = e["state"].as_str().map(String::from);
-            members = raid_members(e);
-        }
-        let nbd = self.call("corral_nbd_list", json!({})).await.unwrap_or(Value::Null);
-        let nbd_on = nbd.as_array().into_iter().flatten().any(|x| x["name"] == volume);
+        let entry = v.raids.as_array().into_iter().flatten().find(|r| r["name"] == raid.as_str());
+        let raid_state = entry.and_then(|e| e["state"].as_str().map(String::from));
+        let members = entry.map(raid_members).unwrap_or_default();
+        let nbd_on = v.nbd.as_array().into_iter().flatten().any(|x| x["name"] == volume);
         let nqn = naming::volume_nqn(volume);
-        let nvmf_on = self.call("nvmf_get_subsystems", json!({"nqn": nqn})).await.is_ok();
+        let nvmf_on = v.subs.as_array().into_iter().flatten().any(|s| s["nqn"] == nqn.as_str());
         let (frontend, endpoint) = if nbd_on {
             (Some(Frontend::Nbd), Some(format!("nbd://{}:{}/{}", self.cfg.address, self.cfg.nbd_port, volume)))
         } else if nvmf_on {
@@ -641,7 +653,36 @@ impl Agent {
         } else {
             (None, None)
         };
-        Ok(EngineStatus { volume: volume.into(), epoch, members, raid_state, frontend, endpoint, events: Vec::new() })
+        EngineStatus { volume: volume.into(), epoch, members, raid_state, frontend, endpoint, events: Vec::new() }
+    }
+
+    fn replica_status_in(&self, v: &DpView, l: &Value) -> Option<ReplicaStatus> {
+        let name = l["name"].as_str()?;
+        let disk = l["lvs_name"].as_str()?;
+        let nqn = naming::replica_nqn(name);
+        let s = v.subs.as_array().into_iter().flatten().find(|s| s["nqn"] == nqn.as_str());
+        let hosts = s
+            .map(|s| s["hosts"].as_array().into_iter().flatten().filter_map(|h| h["nqn"].as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        let snapshots = v
+            .lvols
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["is_snapshot"] == true && x["corral_owner"] == name)
+            .filter_map(|x| x["name"].as_str().map(String::from))
+            .collect();
+        Some(ReplicaStatus {
+            name: name.to_string(),
+            disk: disk.to_string(),
+            size_bytes: l["num_blocks"].as_u64().unwrap_or(0) * l["block_size"].as_u64().unwrap_or(0),
+            nqn,
+            traddr: self.cfg.address.clone(),
+            trsvcid: self.cfg.nvmf_port.to_string(),
+            hosts,
+            connected_hosts: Vec::new(),
+            snapshots,
+        })
     }
 
     // ----------------------------------------------------------- status ----
@@ -654,33 +695,25 @@ impl Agent {
     pub async fn status(&self) -> Result<AgentStatus, DpError> {
         let info = self.call("corral_dataplane_info", json!({})).await?;
         let disks = self.ensure_disks().await;
-        let subs = self.call("nvmf_get_subsystems", json!({})).await?;
-        let ctrls = self.call("bdev_nvme_get_controllers", json!({})).await?;
-        let mut replicas = Vec::new();
-        let lvols = self.call("bdev_lvol_get_lvols", json!({})).await.unwrap_or(Value::Null);
-        for l in lvols.as_array().into_iter().flatten() {
-            let (Some(name), Some(lvs)) = (l["name"].as_str(), l["lvs_name"].as_str()) else { continue };
-            if l["is_snapshot"] == true || naming::replica_volume(name).is_none() {
-                continue;
-            }
-            if let Ok(st) = self.replica_status(name, lvs).await {
-                replicas.push(st);
-            }
-        }
-        // Engines: raids named after volumes whose controllers carry an engine host NQN.
-        let mut engines = Vec::new();
+        let view = self.view().await?;
+        let replicas = view
+            .lvols
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["is_snapshot"] != true && l["name"].as_str().and_then(naming::replica_volume).is_some())
+            .filter_map(|l| self.replica_status_in(&view, l))
+            .collect();
+        // Engines: the volumes whose controllers carry an engine host NQN.
         let mut seen_volumes: HashMap<String, u64> = HashMap::new();
-        for c in ctrls.as_array().into_iter().flatten() {
+        for c in view.ctrls.as_array().into_iter().flatten() {
             if let Some((v, e)) = naming::parse_engine_hostnqn(c["ctrlrs"][0]["host"]["nqn"].as_str().unwrap_or("")) {
                 let cur = seen_volumes.entry(v.to_string()).or_insert(e);
                 *cur = (*cur).max(e);
             }
         }
-        for (v, e) in &seen_volumes {
-            if let Ok(st) = self.engine_status(v, *e).await {
-                engines.push(st);
-            }
-        }
+        let engines = seen_volumes.iter().map(|(v, e)| self.engine_status_in(&view, v, *e)).collect();
+        let (subs, ctrls, lvols) = (&view.subs, &view.ctrls, &view.lvols);
         let records = self.call("corral_raid_get_records", json!({})).await.unwrap_or(Value::Null);
         let raid_records = records
             .as_array()
@@ -692,7 +725,7 @@ impl Agent {
                 members: record_members(r),
             })
             .collect();
-        let orphans = self.orphans(&subs, &ctrls, &lvols).await;
+        let orphans = self.orphans(subs, ctrls, lvols, &view);
         let controllers = ctrls
             .as_array()
             .into_iter()
@@ -724,7 +757,7 @@ impl Agent {
     }
 
     /// Resources that follow corral's naming but that nothing live owns.
-    async fn orphans(&self, subs: &Value, ctrls: &Value, lvols: &Value) -> Option<Vec<Orphan>> {
+    fn orphans(&self, subs: &Value, ctrls: &Value, lvols: &Value, view: &DpView) -> Option<Vec<Orphan>> {
         let d = self.desired.lock().clone()?;
         let engine_epoch = |v: &str| d.engines.iter().find(|(x, _)| x == v).map(|(_, e)| *e);
         let mut out = Vec::new();
@@ -737,7 +770,7 @@ impl Agent {
                 }
             }
         }
-        let raids = self.call("bdev_raid_get_bdevs", json!({"category": "all"})).await.unwrap_or(Value::Null);
+        let raids = &view.raids;
         for r in raids.as_array().into_iter().flatten() {
             let name = r["name"].as_str().unwrap_or("");
             let ours = r["base_bdevs_list"].as_array().into_iter().flatten().any(|b| {
@@ -747,8 +780,7 @@ impl Agent {
                 out.push(("raid", name.to_string(), format!("state {}", r["state"].as_str().unwrap_or("?"))));
             }
         }
-        let nbd = self.call("corral_nbd_list", json!({})).await.unwrap_or(Value::Null);
-        for x in nbd.as_array().into_iter().flatten() {
+        for x in view.nbd.as_array().into_iter().flatten() {
             let name = x["name"].as_str().unwrap_or("");
             if engine_epoch(name).is_none() && raids.as_array().into_iter().flatten().all(|r| r["name"] != name || engine_epoch(name).is_none()) {
                 out.push(("nbd_export", name.to_string(), format!("bdev {}", x["bdev_name"].as_str().unwrap_or("?"))));
@@ -817,6 +849,16 @@ impl Agent {
         }
         Ok(ev)
     }
+}
+
+/// Everything the dataplane holds, read in one go.
+#[derive(Debug, Default)]
+struct DpView {
+    subs: Value,
+    ctrls: Value,
+    lvols: Value,
+    raids: Value,
+    nbd: Value,
 }
 
 /// Members of a raid entry, by replica, with corral's member states.
