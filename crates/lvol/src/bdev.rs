@@ -9,7 +9,7 @@
 //! copy from any lower layer, because the allocation unit is the block itself.
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Weak};
+use std::sync::{mpsc, Arc, Weak};
 
 use bdev::uring::{OpKind, Reactor, UringSink};
 use bdev::{check_range, Bdev, BdevIo, Completion, IoBuf, IoError, IoKind};
@@ -173,11 +173,24 @@ pub struct LvolBdev {
     gate: IoGate<(BdevIo, Completion)>,
     /// The io_uring data path (reads and writes); `None`: synchronous calls.
     reactor: Option<Arc<Reactor>>,
+    /// Where requests that block (flush, FUA writes, write-zeroes, unmap) run
+    /// when the bdev has a reactor, so that submitters never wait for them.
+    worker: Option<mpsc::Sender<SyncJob>>,
     /// This bdev as the completion sink of its reactor ops.
     me: Weak<LvolBdev>,
     /// Requests in flight on the reactor, preallocated: no allocation per I/O.
     slots: Box<[Slot]>,
     free: Mutex<Vec<u32>>,
+}
+
+/// A request for the store's sync worker thread.
+pub(crate) type SyncJob = (Arc<LvolBdev>, BdevIo, Completion);
+
+/// Runs sync jobs until every sender is gone.
+pub(crate) fn sync_worker(rx: mpsc::Receiver<SyncJob>) {
+    while let Ok((bdev, io, done)) = rx.recv() {
+        bdev.finish_sync(io, done);
+    }
 }
 
 /// Slots of requests in flight on the reactor per bdev; more wait synchronously.
@@ -232,6 +245,7 @@ impl LvolBdev {
         block_size: u32,
         view: View,
         reactor: Option<Arc<Reactor>>,
+        worker: Option<mpsc::Sender<SyncJob>>,
     ) -> Arc<LvolBdev> {
         let slots = if reactor.is_some() { SLOTS } else { 0 };
         Arc::new_cyclic(|me| LvolBdev {
@@ -243,6 +257,7 @@ impl LvolBdev {
             view: RwLock::new(view),
             gate: IoGate::default(),
             reactor,
+            worker,
             me: me.clone(),
             slots: (0..slots).map(|_| Slot::default()).collect(),
             free: Mutex::new((0..slots as u32).rev().collect()),
@@ -364,24 +379,34 @@ impl Bdev for LvolBdev {
             Entry::Entered((mut io, done)) => {
                 let async_kind =
                     matches!(io.kind, IoKind::Read) || (io.kind == IoKind::Write && !io.fua);
+                let mut done = done;
                 if async_kind {
                     if let Some(r) = &self.reactor {
                         match self.start_async(r, io, done) {
                             Ok(()) => return,
-                            Err((i, d)) => {
-                                io = i;
-                                return self.finish_sync(io, d);
-                            }
+                            Err((i, d)) => (io, done) = (i, d),
                         }
                     }
                 }
-                self.finish_sync(io, done)
+                self.run_blocking(io, done)
             }
         }
     }
 }
 
 impl LvolBdev {
+    /// Runs a request that may block: on the sync worker if there is one.
+    fn run_blocking(&self, io: BdevIo, done: Completion) {
+        if let (Some(tx), Some(me)) = (&self.worker, self.me.upgrade()) {
+            match tx.send((me, io, done)) {
+                Ok(()) => return,
+                // The worker is gone: run it here.
+                Err(mpsc::SendError((_, io, done))) => return self.finish_sync(io, done),
+            }
+        }
+        self.finish_sync(io, done)
+    }
+
     fn finish_sync(&self, mut io: BdevIo, done: Completion) {
         let r = self.execute(&mut io);
         self.gate.exit();

@@ -216,9 +216,4 @@ impl Layer {
         self.map.grow(num_blocks);
         Ok(())
     }
-
-    /// Bytes of data this layer holds (allocated blocks).
-    pub fn used_bytes(&self) -> u64 {
-        self.map.count() * self.bs()
-    }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-use crate::bdev::{LvolBdev, View};
+use crate::bdev::{sync_worker, LvolBdev, SyncJob, View};
 use crate::error::{LvolError, Result};
 use crate::layer::{data_name, map_name, Layer};
 use crate::meta::{self, check_name, LvolMeta, StoreMeta, META_FILE, META_TMP};
@@ -141,6 +141,8 @@ struct StoreInner {
     ctl: Mutex<Ctl>,
     /// Data path of bdevs made from now on (`None`: synchronous calls).
     reactor: Mutex<Option<Arc<Reactor>>>,
+    /// The thread that runs blocking requests of bdevs that have a reactor.
+    worker: Mutex<Option<std::sync::mpsc::Sender<SyncJob>>>,
 }
 
 /// One lvstore. Cheap to clone (a handle).
@@ -370,6 +372,7 @@ impl LvStore {
         let inner = StoreInner {
             storage,
             reactor: Mutex::new(None),
+            worker: Mutex::new(None),
             ctl: Mutex::new(Ctl {
                 meta: StoreMeta {
                     generation: 0,
@@ -477,6 +480,7 @@ impl LvStore {
                 storage,
                 ctl: Mutex::new(ctl),
                 reactor: Mutex::new(None),
+                worker: Mutex::new(None),
             }),
         })
     }
@@ -485,7 +489,28 @@ impl LvStore {
     /// (io_uring, O_DIRECT); without one they are synchronous calls made by the
     /// submitter. Flush, FUA writes, write-zeroes and unmap are always
     /// synchronous (they take the map's flush lock or call fallocate).
+    ///
+    /// With a reactor, those synchronous requests run on a worker thread of
+    /// the store (one per store; it ends when the store and its bdevs are gone),
+    /// so that `submit` never blocks the caller.
     pub fn set_reactor(&self, reactor: Option<Arc<Reactor>>) {
+        // Lock order is ctl -> worker elsewhere: read the name first.
+        let name = self.inner.ctl.lock().meta.name.clone();
+        let mut w = self.inner.worker.lock();
+        if reactor.is_none() {
+            *w = None;
+        } else if w.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
+                .name(format!("lvol-sync-{name}"))
+                .spawn(move || sync_worker(rx));
+            match spawned {
+                Ok(_) => *w = Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no sync worker: flushes run on the submitter")
+                }
+            }
+        }
         *self.inner.reactor.lock() = reactor;
     }
 
@@ -991,7 +1016,15 @@ impl LvStore {
         }
         let view = ctl.make_view(l)?;
         let reactor = self.inner.reactor.lock().clone();
-        let b = LvolBdev::new(l.uuid, ctl.alias(l), ctl.meta.block_size, view, reactor);
+        let worker = self.inner.worker.lock().clone();
+        let b = LvolBdev::new(
+            l.uuid,
+            ctl.alias(l),
+            ctl.meta.block_size,
+            view,
+            reactor,
+            worker,
+        );
         ctl.bdevs.retain(|_, w| w.strong_count() > 0);
         ctl.bdevs.insert(l.uuid, Arc::downgrade(&b));
         Ok(b)
