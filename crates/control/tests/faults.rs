@@ -205,3 +205,42 @@ async fn engine_dataplane_kill9_reattaches() {
     drop(hole);
     no_orphans(&c).await;
 }
+
+/// 8. Fifty volumes attached on one node: the attach latency of the last ones
+/// stays within 2× of the first ones (Longhorn's grows with the number of
+/// volumes, longhorn/longhorn#13241).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_latency_does_not_grow_with_volumes() {
+    let c = Cluster::start(1, 8).await;
+    let m = &c.manager;
+    let n = 50;
+    for i in 0..n {
+        m.create_volume(&format!("w{i:02}"), 16 << 20, 1).unwrap();
+    }
+    c.wait("50 volumes created", Duration::from_secs(120), |m| {
+        m.volumes().unwrap().iter().filter(|v| v.state == VolumeState::Detached).count() == n
+    })
+    .await;
+    let mut lat = Vec::new();
+    for i in 0..n {
+        let name = format!("w{i:02}");
+        let t0 = Instant::now();
+        attach(&c, &name, "node1");
+        c.wait_state(&name, VolumeState::Attached, Duration::from_secs(60)).await;
+        lat.push(t0.elapsed().as_secs_f64());
+    }
+    let med = |s: &[f64]| {
+        let mut v = s.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (first, last) = (med(&lat[..5]), med(&lat[n - 5..]));
+    eprintln!("attach latency: first five median {:.0} ms, last five median {:.0} ms, all {:?}", first * 1e3, last * 1e3, lat.iter().map(|x| (x * 1e3) as u64).collect::<Vec<_>>());
+    assert!(last <= 2.0 * first + 0.05, "attach latency grew: first {first:.3} s, last {last:.3} s");
+    // Every volume works.
+    for i in [0, n / 2, n - 1] {
+        let v = m.volume(&format!("w{i:02}")).unwrap();
+        qemu_io(&v.endpoint.unwrap(), &["write -P 0x88 0 1M".into(), "read -P 0x88 0 1M".into()]).unwrap();
+    }
+    no_orphans(&c).await;
+}
