@@ -722,7 +722,10 @@ impl Manager {
         match (&v.attach, v.state) {
             (Some(spec), VolumeState::Detached | VolumeState::Attaching) => self.attach(v.clone(), spec.clone()).await,
             (Some(_), VolumeState::Attached) => self.check_attached(v).await,
-            (Some(_), VolumeState::Detaching) => self.detach(v).await,
+            // Attach asked again while a detach was cut short: the new engine
+            // converges from whatever the old one left (its epoch differs, so
+            // leftovers are replaced, never adopted); no detach cycle first.
+            (Some(spec), VolumeState::Detaching) => self.attach(v.clone(), spec.clone()).await,
             (None, VolumeState::Attached | VolumeState::Attaching | VolumeState::Detaching) => self.detach(v).await,
             _ => Ok(()),
         }

@@ -222,8 +222,11 @@ struct EventsQ {
     follow: bool,
 }
 
-/// Events as JSON, or with `follow=true` as a never-ending stream of JSON lines.
+/// Events as JSON, or with `follow=true` as a never-ending stream of JSON
+/// lines (a bare newline every 15 s keeps idle followers honest).
 async fn events(State(m): State<Arc<Manager>>, Query(q): Query<EventsQ>) -> Response {
+    // Subscribe before reading the past so that nothing falls in between.
+    let mut sub = m.events_tx.subscribe();
     let past = match m.events_since(q.since) {
         Ok(p) => p,
         Err(e) => return err(e),
@@ -231,77 +234,41 @@ async fn events(State(m): State<Arc<Manager>>, Query(q): Query<EventsQ>) -> Resp
     if !q.follow {
         return Json(past).into_response();
     }
-    let mut rx = m.events_tx.subscribe();
-    let last = past.last().map(|e| e.seq).unwrap_or(q.since);
-    let stream = async_stream(past, last, move || {
-        let fut = async move {
-            loop {
-                match rx.recv().await {
-                    Ok(e) => return Some((e, rx)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
-                }
-            }
-        };
-        fut
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(stream)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-/// A body streaming the past events, then each new one as it comes (a keep-alive
-/// newline every 15 s so idle followers notice a dead manager).
-fn async_stream<F, Fut>(past: Vec<crate::model::Event>, last: u64, first: F) -> Body
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Option<(crate::model::Event, tokio::sync::broadcast::Receiver<crate::model::Event>)>> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, Infallible>>(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, Infallible>>(64);
     tokio::spawn(async move {
+        let mut last = q.since;
         for e in past {
+            last = e.seq;
             if tx.send(Ok(line(&e))).await.is_err() {
                 return;
             }
         }
-        let mut next = first().await;
-        let mut last = last;
         loop {
-            let Some((e, mut rx2)) = next.take() else { return };
-            if e.seq > last {
-                last = e.seq;
-                if tx.send(Ok(line(&e))).await.is_err() {
-                    return;
+            let msg = match tokio::time::timeout(Duration::from_secs(15), sub.recv()).await {
+                Ok(Ok(e)) if e.seq > last => {
+                    last = e.seq;
+                    line(&e)
                 }
-            }
-            next = loop {
-                match tokio::time::timeout(Duration::from_secs(15), rx2.recv()).await {
-                    Ok(Ok(e)) => break Some((e, rx2)),
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
-                    Ok(Err(_)) => break None,
-                    Err(_) => {
-                        if tx.send(Ok("\n".into())).await.is_err() {
-                            return;
-                        }
-                    }
-                }
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(_)) => return,
+                Err(_) => "\n".to_string(),
             };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
         }
     });
-    Body::from_stream(tokio_stream_from(rx))
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 fn line(e: &crate::model::Event) -> String {
     let mut s = serde_json::to_string(e).unwrap_or_default();
     s.push('\n');
     s
-}
-
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<String, Infallible>>,
-) -> impl futures_core::Stream<Item = Result<String, Infallible>> {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 async fn metrics(State(m): State<Arc<Manager>>) -> Response {

@@ -9,6 +9,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control::agent::{Agent, AgentConfig};
+
+/// Sets a fault point in an agent (process or not) through its HTTP API.
+pub async fn set_fault(listen: SocketAddr, point: Option<&str>) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{listen}/v1/debug/fault"))
+        .json(&serde_json::json!({"point": point}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
 use control::manager::{Manager, ManagerConfig};
 use control::model::*;
 use control::store::Store;
@@ -90,10 +101,64 @@ pub struct NodeH {
     pub name: String,
     pub address: String,
     pub dp: DpProc,
+    /// The agent when it runs in this process.
     pub agent: Arc<Agent>,
     pub agent_task: tokio::task::JoinHandle<()>,
+    /// The agent when it runs as a `corral agent` process.
+    pub agent_proc: Option<AgentProc>,
     pub listen: SocketAddr,
     pub disk: PathBuf,
+}
+
+/// A `corral agent` process; killed on drop.
+pub struct AgentProc {
+    pub child: Option<Child>,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(args: Vec<String>, log: &Path, env: &[(&str, &str)]) -> AgentProc {
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut cmd = Command::new(corral_bin());
+        cmd.arg("agent").args(&args).stdout(Stdio::null()).stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        AgentProc { child: Some(child), args, log: log.to_path_buf() }
+    }
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    /// Whether the process has exited (e.g. aborted at a fault point).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_some(),
+            None => true,
+        }
+    }
+    pub fn restart(&mut self) {
+        self.kill9();
+        let a = self.args.clone();
+        *self = AgentProc::start(a, &self.log.clone(), &[]);
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+impl NodeH {
+    /// A client of this node's dataplane RPC (for tests that look or tamper).
+    pub fn dpc(&self) -> control::dp::DpClient {
+        control::dp::DpClient::new(self.dp.sock.clone())
+    }
 }
 
 pub struct Cluster {
@@ -128,6 +193,11 @@ pub fn start_agent(cfg: AgentConfig) -> (Arc<Agent>, tokio::task::JoinHandle<()>
 
 impl Cluster {
     pub async fn start(n: usize, tag: u8) -> Cluster {
+        Self::start_with(n, tag, false).await
+    }
+
+    /// With `procs`, agents run as `corral agent` processes (for crash tests).
+    pub async fn start_with(n: usize, tag: u8, procs: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let net = subnet(tag);
         let store = Store::open(&dir.path().join("manager.redb")).unwrap();
@@ -143,9 +213,26 @@ impl Cluster {
             let dp = DpProc::start(&nd);
             let disk = nd.join("disk0");
             let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let (agent, agent_task) = start_agent(agent_config(&name, &address, &dp.sock, &disk, listen));
+            let cfg = agent_config(&name, &address, &dp.sock, &disk, listen);
+            // The in-process agent object is kept for convenience calls; when
+            // agents are processes it serves no API (port 0 is never used).
+            let (agent, agent_task, agent_proc) = if procs {
+                let args = vec![
+                    "--node".into(), name.clone(), "--address".into(), address.clone(),
+                    "--rpc-socket".into(), dp.sock.display().to_string(),
+                    "--listen".into(), listen.to_string(),
+                    "--disk".into(), format!("disk0={}", disk.display()),
+                    "--orphan-grace-secs".into(), "3600".into(),
+                ];
+                let p = AgentProc::start(args, &nd.join("agent.log"), &[]);
+                let a = Agent::new(cfg);
+                (a, tokio::spawn(async {}), Some(p))
+            } else {
+                let (a, t) = start_agent(cfg);
+                (a, t, None)
+            };
             manager.register_node(&name, &format!("http://{listen}"), &address).unwrap();
-            nodes.push(NodeH { name, address, dp, agent, agent_task, listen, disk });
+            nodes.push(NodeH { name, address, dp, agent, agent_task, agent_proc, listen, disk });
         }
         let c = Cluster { dir, nodes, manager, manager_task };
         c.wait("nodes ready", Duration::from_secs(20), |m| m.nodes().map(|ns| ns.iter().all(|n| n.ready && n.disks.iter().all(|d| d.ready))).unwrap_or(false)).await;
