@@ -50,13 +50,19 @@ pub struct StepError {
 
 impl StepError {
     fn new(what: impl Into<String>, source: DpError) -> Self {
-        StepError { what: what.into(), source }
+        StepError {
+            what: what.into(),
+            source,
+        }
     }
     pub fn class(&self) -> ErrorClass {
         self.source.class()
     }
     pub fn to_api(&self) -> ApiError {
-        ApiError { message: self.to_string(), class: self.class() }
+        ApiError {
+            message: self.to_string(),
+            class: self.class(),
+        }
     }
 }
 
@@ -75,7 +81,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("node", &self.cfg.node).finish()
+        f.debug_struct("Agent")
+            .field("node", &self.cfg.node)
+            .finish()
     }
 }
 
@@ -100,7 +108,11 @@ impl Agent {
     }
 
     fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().entry(key.to_string()).or_default().clone()
+        self.locks
+            .lock()
+            .entry(key.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Fault injection: dies like `kill -9` at the named point when asked to
@@ -129,20 +141,37 @@ impl Agent {
     /// silently re-created.
     pub async fn ensure_disks(&self) -> Vec<DiskStatus> {
         let mut out = Vec::new();
-        let stores = self.call("bdev_lvol_get_lvstores", json!({})).await.unwrap_or(Value::Null);
+        let stores = self
+            .call("bdev_lvol_get_lvstores", json!({}))
+            .await
+            .unwrap_or(Value::Null);
         for (name, path) in &self.cfg.disks {
-            let loaded = stores.as_array().into_iter().flatten().any(|s| s["name"] == name.as_str());
+            let loaded = stores
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["name"] == name.as_str());
             let mut reason = None;
             if loaded {
                 if !path.join(LVSTORE_META).exists() {
-                    reason = Some(format!("{} is gone from {}: the disk's data is gone", LVSTORE_META, path.display()));
+                    reason = Some(format!(
+                        "{} is gone from {}: the disk's data is gone",
+                        LVSTORE_META,
+                        path.display()
+                    ));
                 }
             } else {
                 let _ = std::fs::create_dir_all(path);
-                let r = match self.call("corral_lvol_load_lvstore", json!({"base_dir": path})).await {
+                let r = match self
+                    .call("corral_lvol_load_lvstore", json!({"base_dir": path}))
+                    .await
+                {
                     Ok(_) => Ok(()),
                     Err(e) if absent_code(&e) => self
-                        .call("bdev_lvol_create_lvstore", json!({"lvs_name": name, "base_dir": path}))
+                        .call(
+                            "bdev_lvol_create_lvstore",
+                            json!({"lvs_name": name, "base_dir": path}),
+                        )
                         .await
                         .map(|_| ()),
                     Err(e) => Err(e),
@@ -168,7 +197,10 @@ impl Agent {
     // --------------------------------------------------------- replicas ----
 
     /// Makes replica `spec` exist and be exposed only to `spec.allowed_host`.
-    pub async fn ensure_replica(&self, spec: &ReplicaSpec) -> StepResult<(ReplicaStatus, Vec<StepEvent>)> {
+    pub async fn ensure_replica(
+        &self,
+        spec: &ReplicaSpec,
+    ) -> StepResult<(ReplicaStatus, Vec<StepEvent>)> {
         let lock = self.lock_for(&spec.name);
         let _g = lock.lock().await;
         let mut ev = Vec::new();
@@ -177,19 +209,35 @@ impl Agent {
             .iter()
             .find(|(n, _)| n == &spec.disk)
             .map(|(_, p)| p.clone())
-            .ok_or_else(|| StepError::new(format!("replica {}", spec.name), DpError::Rpc {
-                method: "ensure_replica".into(),
-                code: -22,
-                message: format!("disk {} is not configured on node {}", spec.disk, self.cfg.node),
-            }))?;
+            .ok_or_else(|| {
+                StepError::new(
+                    format!("replica {}", spec.name),
+                    DpError::Rpc {
+                        method: "ensure_replica".into(),
+                        code: -22,
+                        message: format!(
+                            "disk {} is not configured on node {}",
+                            spec.disk, self.cfg.node
+                        ),
+                    },
+                )
+            })?;
         // lvstore
         let disks = self.ensure_disks().await;
         if let Some(d) = disks.iter().find(|d| d.name == spec.disk && !d.ready) {
-            return Err(StepError::new(format!("replica {}", spec.name), DpError::Rpc {
-                method: "ensure_replica".into(),
-                code: -2,
-                message: format!("disk {} on node {}: {}", spec.disk, self.cfg.node, d.reason.clone().unwrap_or_default()),
-            }));
+            return Err(StepError::new(
+                format!("replica {}", spec.name),
+                DpError::Rpc {
+                    method: "ensure_replica".into(),
+                    code: -2,
+                    message: format!(
+                        "disk {} on node {}: {}",
+                        spec.disk,
+                        self.cfg.node,
+                        d.reason.clone().unwrap_or_default()
+                    ),
+                },
+            ));
         }
         // lvol
         let alias = naming::lvol_alias(&spec.disk, &spec.name);
@@ -197,16 +245,30 @@ impl Agent {
             .call("bdev_lvol_get_lvols", json!({"lvs_name": spec.disk}))
             .await
             .map_err(|e| StepError::new(format!("list lvols of {}", spec.disk), e))?;
-        let lvol = lvols.as_array().into_iter().flatten().find(|l| l["alias"] == alias.as_str()).cloned();
+        let lvol = lvols
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["alias"] == alias.as_str())
+            .cloned();
         let size_mib = spec.size_bytes.div_ceil(1 << 20);
         let lvol_bdev = match lvol {
             Some(l) => {
-                let have = l["num_blocks"].as_u64().unwrap_or(0) * l["block_size"].as_u64().unwrap_or(512);
+                let have =
+                    l["num_blocks"].as_u64().unwrap_or(0) * l["block_size"].as_u64().unwrap_or(512);
                 if have < spec.size_bytes {
-                    self.call("bdev_lvol_resize", json!({"name": alias, "size_in_mib": size_mib}))
-                        .await
-                        .map_err(|e| StepError::new(format!("grow lvol {alias}"), e))?;
-                    ev.push(step("lvol", &alias, "resized", &format!("to {size_mib} MiB")));
+                    self.call(
+                        "bdev_lvol_resize",
+                        json!({"name": alias, "size_in_mib": size_mib}),
+                    )
+                    .await
+                    .map_err(|e| StepError::new(format!("grow lvol {alias}"), e))?;
+                    ev.push(step(
+                        "lvol",
+                        &alias,
+                        "resized",
+                        &format!("to {size_mib} MiB"),
+                    ));
                 } else {
                     ev.push(step("lvol", &alias, "adopted", ""));
                 }
@@ -220,15 +282,28 @@ impl Agent {
                     )
                     .await
                     .map_err(|e| StepError::new(format!("create lvol {alias}"), e))?;
-                ev.push(step("lvol", &alias, "created", &format!("{size_mib} MiB thin")));
+                ev.push(step(
+                    "lvol",
+                    &alias,
+                    "created",
+                    &format!("{size_mib} MiB thin"),
+                ));
                 r.as_str().unwrap_or(&alias).to_string()
             }
         };
         self.fault_point("replica.lvol");
         // subsystem, namespace, listener, allow-list
         let nqn = naming::replica_nqn(&spec.name);
-        let subs = self.call("nvmf_get_subsystems", json!({})).await.map_err(|e| StepError::new("list subsystems", e))?;
-        let entry = subs.as_array().into_iter().flatten().find(|s| s["nqn"] == nqn.as_str()).cloned();
+        let subs = self
+            .call("nvmf_get_subsystems", json!({}))
+            .await
+            .map_err(|e| StepError::new("list subsystems", e))?;
+        let entry = subs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["nqn"] == nqn.as_str())
+            .cloned();
         let port = self.cfg.nvmf_port.to_string();
         let plan = converge::replica_subsystem(
             entry.as_ref(),
@@ -239,7 +314,15 @@ impl Agent {
         );
         self.ensure_transport().await?;
         if plan.create {
-            let serial: String = spec.name.chars().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+            let serial: String = spec
+                .name
+                .chars()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             self.call(
                 "nvmf_create_subsystem",
                 json!({"nqn": nqn, "allow_any_host": false, "serial_number": serial, "model_number": "corral replica"}),
@@ -250,20 +333,34 @@ impl Agent {
         }
         self.fault_point("replica.subsystem");
         if plan.disallow_any {
-            self.call("nvmf_subsystem_allow_any_host", json!({"nqn": nqn, "allow_any_host": false}))
-                .await
-                .map_err(|e| StepError::new(format!("restrict {nqn}"), e))?;
+            self.call(
+                "nvmf_subsystem_allow_any_host",
+                json!({"nqn": nqn, "allow_any_host": false}),
+            )
+            .await
+            .map_err(|e| StepError::new(format!("restrict {nqn}"), e))?;
         }
         for nsid in &plan.remove_ns {
-            self.call("nvmf_subsystem_remove_ns", json!({"nqn": nqn, "nsid": nsid}))
-                .await
-                .map_err(|e| StepError::new(format!("remove stray namespace {nsid} of {nqn}"), e))?;
-            ev.push(step("namespace", &nqn, "replaced", &format!("nsid {nsid} exposed another bdev")));
+            self.call(
+                "nvmf_subsystem_remove_ns",
+                json!({"nqn": nqn, "nsid": nsid}),
+            )
+            .await
+            .map_err(|e| StepError::new(format!("remove stray namespace {nsid} of {nqn}"), e))?;
+            ev.push(step(
+                "namespace",
+                &nqn,
+                "replaced",
+                &format!("nsid {nsid} exposed another bdev"),
+            ));
         }
         if plan.add_ns {
-            self.call("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": alias}}))
-                .await
-                .map_err(|e| StepError::new(format!("add namespace {alias} to {nqn}"), e))?;
+            self.call(
+                "nvmf_subsystem_add_ns",
+                json!({"nqn": nqn, "namespace": {"bdev_name": alias}}),
+            )
+            .await
+            .map_err(|e| StepError::new(format!("add namespace {alias} to {nqn}"), e))?;
         }
         if plan.add_listener {
             self.call(
@@ -278,7 +375,12 @@ impl Agent {
             self.call("nvmf_subsystem_remove_host", json!({"nqn": nqn, "host": h}))
                 .await
                 .map_err(|e| StepError::new(format!("remove host {h} from {nqn}"), e))?;
-            ev.push(step("host", h, "fenced", &format!("no longer allowed on {nqn}")));
+            ev.push(step(
+                "host",
+                h,
+                "fenced",
+                &format!("no longer allowed on {nqn}"),
+            ));
         }
         for h in &plan.add_hosts {
             self.call("nvmf_subsystem_add_host", json!({"nqn": nqn, "host": h}))
@@ -290,9 +392,15 @@ impl Agent {
     }
 
     async fn ensure_transport(&self) -> StepResult<()> {
-        let t = self.call("nvmf_get_transports", json!({})).await.map_err(|e| StepError::new("get transports", e))?;
+        let t = self
+            .call("nvmf_get_transports", json!({}))
+            .await
+            .map_err(|e| StepError::new("get transports", e))?;
         if t.as_array().is_some_and(|a| a.is_empty()) {
-            match self.call("nvmf_create_transport", json!({"trtype": "TCP"})).await {
+            match self
+                .call("nvmf_create_transport", json!({"trtype": "TCP"}))
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if e.code() == Some(-17) => {}
                 Err(e) => return Err(StepError::new("create TCP transport", e)),
@@ -308,7 +416,13 @@ impl Agent {
             .call("bdev_lvol_get_lvols", json!({"lvs_name": disk}))
             .await
             .map_err(|e| StepError::new("list lvols", e))?;
-        let l = lvols.as_array().into_iter().flatten().find(|l| l["alias"] == alias.as_str()).cloned().unwrap_or(Value::Null);
+        let l = lvols
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["alias"] == alias.as_str())
+            .cloned()
+            .unwrap_or(Value::Null);
         let snapshots = lvols
             .as_array()
             .into_iter()
@@ -316,10 +430,21 @@ impl Agent {
             .filter(|s| s["is_snapshot"] == true && s["corral_owner"] == name)
             .filter_map(|s| s["name"].as_str().map(String::from))
             .collect();
-        let subs = self.call("nvmf_get_subsystems", json!({"nqn": nqn})).await.unwrap_or(Value::Null);
+        let subs = self
+            .call("nvmf_get_subsystems", json!({"nqn": nqn}))
+            .await
+            .unwrap_or(Value::Null);
         let s = subs.get(0).cloned().unwrap_or(Value::Null);
-        let hosts = s["hosts"].as_array().into_iter().flatten().filter_map(|h| h["nqn"].as_str().map(String::from)).collect();
-        let ctrls = self.call("nvmf_subsystem_get_controllers", json!({"nqn": nqn})).await.unwrap_or(Value::Null);
+        let hosts = s["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["nqn"].as_str().map(String::from))
+            .collect();
+        let ctrls = self
+            .call("nvmf_subsystem_get_controllers", json!({"nqn": nqn}))
+            .await
+            .unwrap_or(Value::Null);
         let connected_hosts = ctrls
             .as_array()
             .into_iter()
@@ -329,7 +454,8 @@ impl Agent {
         Ok(ReplicaStatus {
             name: name.to_string(),
             disk: disk.to_string(),
-            size_bytes: l["num_blocks"].as_u64().unwrap_or(0) * l["block_size"].as_u64().unwrap_or(0),
+            size_bytes: l["num_blocks"].as_u64().unwrap_or(0)
+                * l["block_size"].as_u64().unwrap_or(0),
             nqn,
             traddr: self.cfg.address.clone(),
             trsvcid: self.cfg.nvmf_port.to_string(),
@@ -345,16 +471,27 @@ impl Agent {
         let _g = lock.lock().await;
         let mut ev = Vec::new();
         let nqn = naming::replica_nqn(name);
-        match self.call("nvmf_delete_subsystem", json!({"nqn": nqn})).await {
+        match self
+            .call("nvmf_delete_subsystem", json!({"nqn": nqn}))
+            .await
+        {
             Ok(_) => ev.push(step("subsystem", &nqn, "deleted", "")),
             Err(DpError::Rpc { code: -32602, .. }) => {}
             Err(e) => return Err(StepError::new(format!("delete subsystem {nqn}"), e)),
         }
-        let lvols = self.call("bdev_lvol_get_lvols", json!({"lvs_name": disk})).await.unwrap_or(Value::Null);
+        let lvols = self
+            .call("bdev_lvol_get_lvols", json!({"lvs_name": disk}))
+            .await
+            .unwrap_or(Value::Null);
         let alias = naming::lvol_alias(disk, name);
         // Head first, then snapshots newest first (each delete merges into its neighbour).
         let mut victims: Vec<String> = Vec::new();
-        if lvols.as_array().into_iter().flatten().any(|l| l["alias"] == alias.as_str()) {
+        if lvols
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|l| l["alias"] == alias.as_str())
+        {
             victims.push(alias.clone());
         }
         for l in lvols.as_array().into_iter().flatten().rev() {
@@ -383,18 +520,35 @@ impl Agent {
         let _g = lock.lock().await;
         let mut ev = Vec::new();
         let hostnqn = naming::engine_hostnqn(&spec.volume, spec.epoch);
-        let ctrls = self.call("bdev_nvme_get_controllers", json!({})).await.map_err(|e| StepError::new("list controllers", e))?;
+        let ctrls = self
+            .call("bdev_nvme_get_controllers", json!({}))
+            .await
+            .map_err(|e| StepError::new("list controllers", e))?;
         let mut members = Vec::new();
         let mut missing = Vec::new();
         for (i, r) in spec.replicas.iter().enumerate() {
             let name = naming::engine_ctrlr_name(&r.name);
             let subnqn = naming::replica_nqn(&r.name);
-            let want = WantCtrlr { traddr: &r.traddr, trsvcid: &r.trsvcid, subnqn: &subnqn, hostnqn: &hostnqn };
-            let entry = ctrls.as_array().into_iter().flatten().find(|c| c["name"] == name.as_str());
+            let want = WantCtrlr {
+                traddr: &r.traddr,
+                trsvcid: &r.trsvcid,
+                subnqn: &subnqn,
+                hostnqn: &hostnqn,
+            };
+            let entry = ctrls
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["name"] == name.as_str());
             let decision = converge::controller(entry, &want);
             let attach = match &decision {
                 Observed::Matches => {
-                    ev.push(step("controller", &name, "adopted", &format!("epoch {}", spec.epoch)));
+                    ev.push(step(
+                        "controller",
+                        &name,
+                        "adopted",
+                        &format!("epoch {}", spec.epoch),
+                    ));
                     false
                 }
                 Observed::Differs(why) => {
@@ -420,13 +574,22 @@ impl Agent {
                 match self.call("bdev_nvme_attach_controller", p).await {
                     Ok(_) => {
                         if decision == Observed::Absent {
-                            ev.push(step("controller", &name, "created", &format!("to {}:{}", r.traddr, r.trsvcid)));
+                            ev.push(step(
+                                "controller",
+                                &name,
+                                "created",
+                                &format!("to {}:{}", r.traddr, r.trsvcid),
+                            ));
                         }
                     }
                     Err(e) => {
                         warn!(controller = %name, "replica unreachable, engine continues without it: {e}");
                         ev.push(step("controller", &name, "failed", &e.to_string()));
-                        missing.push(MemberStatus { replica: r.name.clone(), state: "missing".into(), reason: Some(e.to_string()) });
+                        missing.push(MemberStatus {
+                            replica: r.name.clone(),
+                            state: "missing".into(),
+                            reason: Some(e.to_string()),
+                        });
                         continue;
                     }
                 }
@@ -435,28 +598,56 @@ impl Agent {
             self.fault_point(&format!("engine.controller.{i}"));
         }
         if members.is_empty() {
-            return Err(StepError::new(format!("engine {}", spec.volume), DpError::Rpc {
-                method: "bdev_nvme_attach_controller".into(),
-                code: -19,
-                message: "no replica is reachable".into(),
-            }));
+            return Err(StepError::new(
+                format!("engine {}", spec.volume),
+                DpError::Rpc {
+                    method: "bdev_nvme_attach_controller".into(),
+                    code: -19,
+                    message: "no replica is reachable".into(),
+                },
+            ));
         }
         // raid1
         let raid = naming::raid_name(&spec.volume);
         let want_members: Vec<String> = members.iter().map(|m| naming::engine_ns_bdev(m)).collect();
-        let raids = self.call("bdev_raid_get_bdevs", json!({"category": "all"})).await.map_err(|e| StepError::new("list raids", e))?;
-        let entry = raids.as_array().into_iter().flatten().find(|r| r["name"] == raid.as_str()).cloned();
+        let raids = self
+            .call("bdev_raid_get_bdevs", json!({"category": "all"}))
+            .await
+            .map_err(|e| StepError::new("list raids", e))?;
+        let entry = raids
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == raid.as_str())
+            .cloned();
         match converge::raid(entry.as_ref(), &want_members) {
             Observed::Matches => ev.push(step("raid", &raid, "adopted", "")),
             Observed::Differs(why) => {
                 self.stop_frontend(&spec.volume).await?;
-                self.call("bdev_raid_delete", json!({"name": raid})).await.map_err(|e| StepError::new(format!("delete raid {raid}"), e))?;
-                self.create_raid(&raid, naming::raid_uuid(&spec.volume, spec.epoch), &want_members).await?;
+                self.call("bdev_raid_delete", json!({"name": raid}))
+                    .await
+                    .map_err(|e| StepError::new(format!("delete raid {raid}"), e))?;
+                self.create_raid(
+                    &raid,
+                    naming::raid_uuid(&spec.volume, spec.epoch),
+                    &want_members,
+                )
+                .await?;
                 ev.push(step("raid", &raid, "replaced", &why));
             }
             Observed::Absent => {
-                self.create_raid(&raid, naming::raid_uuid(&spec.volume, spec.epoch), &want_members).await?;
-                ev.push(step("raid", &raid, "created", &format!("over {}", want_members.join(", "))));
+                self.create_raid(
+                    &raid,
+                    naming::raid_uuid(&spec.volume, spec.epoch),
+                    &want_members,
+                )
+                .await?;
+                ev.push(step(
+                    "raid",
+                    &raid,
+                    "created",
+                    &format!("over {}", want_members.join(", ")),
+                ));
             }
         }
         self.fault_point("engine.raid");
@@ -474,7 +665,12 @@ impl Agent {
         Ok(st)
     }
 
-    async fn create_raid(&self, raid: &str, uuid: uuid::Uuid, members: &[String]) -> StepResult<()> {
+    async fn create_raid(
+        &self,
+        raid: &str,
+        uuid: uuid::Uuid,
+        members: &[String],
+    ) -> StepResult<()> {
         self.call(
             "bdev_raid_create",
             json!({"name": raid, "raid_level": "raid1", "strip_size_kb": 0, "base_bdevs": members, "uuid": uuid}),
@@ -484,16 +680,31 @@ impl Agent {
         Ok(())
     }
 
-    async fn ensure_frontend(&self, volume: &str, fe: Frontend, ev: &mut Vec<StepEvent>) -> StepResult<String> {
+    async fn ensure_frontend(
+        &self,
+        volume: &str,
+        fe: Frontend,
+        ev: &mut Vec<StepEvent>,
+    ) -> StepResult<String> {
         let raid = naming::raid_name(volume);
         match fe {
             Frontend::Nbd => {
-                let list = self.call("corral_nbd_list", json!({})).await.map_err(|e| StepError::new("list NBD exports", e))?;
-                let entry = list.as_array().into_iter().flatten().find(|x| x["name"] == volume).cloned();
+                let list = self
+                    .call("corral_nbd_list", json!({}))
+                    .await
+                    .map_err(|e| StepError::new("list NBD exports", e))?;
+                let entry = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|x| x["name"] == volume)
+                    .cloned();
                 match converge::nbd_export(entry.as_ref(), &raid) {
                     Observed::Matches => ev.push(step("frontend", volume, "adopted", "nbd")),
                     Observed::Differs(why) => {
-                        self.call("corral_nbd_stop", json!({"name": volume})).await.map_err(|e| StepError::new("stop NBD export", e))?;
+                        self.call("corral_nbd_stop", json!({"name": volume}))
+                            .await
+                            .map_err(|e| StepError::new("stop NBD export", e))?;
                         self.start_nbd(volume, &raid).await?;
                         ev.push(step("frontend", volume, "replaced", &why));
                     }
@@ -502,15 +713,32 @@ impl Agent {
                         ev.push(step("frontend", volume, "created", "nbd"));
                     }
                 }
-                Ok(format!("nbd://{}:{}/{}", self.cfg.address, self.cfg.nbd_port, volume))
+                Ok(format!(
+                    "nbd://{}:{}/{}",
+                    self.cfg.address, self.cfg.nbd_port, volume
+                ))
             }
             Frontend::Nvmf => {
                 self.ensure_transport().await?;
                 let nqn = naming::volume_nqn(volume);
-                let subs = self.call("nvmf_get_subsystems", json!({})).await.map_err(|e| StepError::new("list subsystems", e))?;
-                let entry = subs.as_array().into_iter().flatten().find(|s| s["nqn"] == nqn.as_str()).cloned();
+                let subs = self
+                    .call("nvmf_get_subsystems", json!({}))
+                    .await
+                    .map_err(|e| StepError::new("list subsystems", e))?;
+                let entry = subs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s["nqn"] == nqn.as_str())
+                    .cloned();
                 let port = self.cfg.frontend_port.to_string();
-                let plan = converge::replica_subsystem(entry.as_ref(), &[raid.as_str()], &self.cfg.address, &port, None);
+                let plan = converge::replica_subsystem(
+                    entry.as_ref(),
+                    &[raid.as_str()],
+                    &self.cfg.address,
+                    &port,
+                    None,
+                );
                 if plan.create {
                     self.call("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true, "model_number": "corral volume"}))
                         .await
@@ -520,12 +748,20 @@ impl Agent {
                     ev.push(step("frontend", volume, "adopted", "nvmf"));
                 }
                 for nsid in &plan.remove_ns {
-                    let _ = self.call("nvmf_subsystem_remove_ns", json!({"nqn": nqn, "nsid": nsid})).await;
+                    let _ = self
+                        .call(
+                            "nvmf_subsystem_remove_ns",
+                            json!({"nqn": nqn, "nsid": nsid}),
+                        )
+                        .await;
                 }
                 if plan.add_ns {
-                    self.call("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": raid}}))
-                        .await
-                        .map_err(|e| StepError::new(format!("add {raid} to {nqn}"), e))?;
+                    self.call(
+                        "nvmf_subsystem_add_ns",
+                        json!({"nqn": nqn, "namespace": {"bdev_name": raid}}),
+                    )
+                    .await
+                    .map_err(|e| StepError::new(format!("add {raid} to {nqn}"), e))?;
                 }
                 if plan.add_listener {
                     self.call(
@@ -558,10 +794,18 @@ impl Agent {
             Err(e) => return Err(StepError::new(format!("stop NBD export {volume}"), e)),
         }
         let nqn = naming::volume_nqn(volume);
-        match self.call("nvmf_delete_subsystem", json!({"nqn": nqn})).await {
+        match self
+            .call("nvmf_delete_subsystem", json!({"nqn": nqn}))
+            .await
+        {
             Ok(_) => stopped = true,
             Err(DpError::Rpc { code: -32602, .. }) => {}
-            Err(e) => return Err(StepError::new(format!("delete frontend subsystem {nqn}"), e)),
+            Err(e) => {
+                return Err(StepError::new(
+                    format!("delete frontend subsystem {nqn}"),
+                    e,
+                ))
+            }
         }
         Ok(stopped)
     }
@@ -571,14 +815,21 @@ impl Agent {
     async fn detach_and_wait(&self, name: &str) -> StepResult<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            match self.call("bdev_nvme_detach_controller", json!({"name": name})).await {
+            match self
+                .call("bdev_nvme_detach_controller", json!({"name": name}))
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(e) if absent_code(&e) => return Ok(()),
-                Err(e) if Instant::now() > deadline => return Err(StepError::new(format!("detach controller {name}"), e)),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(StepError::new(format!("detach controller {name}"), e))
+                }
                 Err(e) => {
                     info!(controller = name, "detach not finished yet ({e}); waiting");
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    let still = self.call("bdev_nvme_get_controllers", json!({"name": name})).await;
+                    let still = self
+                        .call("bdev_nvme_get_controllers", json!({"name": name}))
+                        .await;
                     if matches!(&still, Err(e) if e.code() == Some(-22)) {
                         return Ok(());
                     }
@@ -604,7 +855,10 @@ impl Agent {
             Err(e) => return Err(StepError::new(format!("delete raid {raid}"), e)),
         }
         self.fault_point("engine.detach.raid");
-        let ctrls = self.call("bdev_nvme_get_controllers", json!({})).await.map_err(|e| StepError::new("list controllers", e))?;
+        let ctrls = self
+            .call("bdev_nvme_get_controllers", json!({}))
+            .await
+            .map_err(|e| StepError::new("list controllers", e))?;
         let mut i = 0;
         for c in ctrls.as_array().into_iter().flatten() {
             let host = c["ctrlrs"][0]["host"]["nqn"].as_str().unwrap_or("");
@@ -621,48 +875,113 @@ impl Agent {
 
     /// The engine of `volume` as the dataplane reports it.
     pub async fn engine_status(&self, volume: &str, epoch: u64) -> StepResult<EngineStatus> {
-        let v = self.view().await.map_err(|e| StepError::new("read the dataplane", e))?;
+        let v = self
+            .view()
+            .await
+            .map_err(|e| StepError::new("read the dataplane", e))?;
         Ok(self.engine_status_in(&v, volume, epoch))
     }
 
     /// One look at everything the dataplane holds: a handful of calls, however
     /// many volumes there are (status must not slow down as volumes grow).
     async fn view(&self) -> Result<DpView, DpError> {
-        let arr = |v: Value| if v.is_array() { v } else { Value::Array(Vec::new()) };
+        let arr = |v: Value| {
+            if v.is_array() {
+                v
+            } else {
+                Value::Array(Vec::new())
+            }
+        };
         Ok(DpView {
             subs: arr(self.call("nvmf_get_subsystems", json!({})).await?),
             ctrls: arr(self.call("bdev_nvme_get_controllers", json!({})).await?),
-            lvols: arr(self.call("bdev_lvol_get_lvols", json!({})).await.unwrap_or(Value::Null)),
-            raids: arr(self.call("bdev_raid_get_bdevs", json!({"category": "all"})).await.unwrap_or(Value::Null)),
-            nbd: arr(self.call("corral_nbd_list", json!({})).await.unwrap_or(Value::Null)),
+            lvols: arr(self
+                .call("bdev_lvol_get_lvols", json!({}))
+                .await
+                .unwrap_or(Value::Null)),
+            raids: arr(self
+                .call("bdev_raid_get_bdevs", json!({"category": "all"}))
+                .await
+                .unwrap_or(Value::Null)),
+            nbd: arr(self
+                .call("corral_nbd_list", json!({}))
+                .await
+                .unwrap_or(Value::Null)),
         })
     }
 
     fn engine_status_in(&self, v: &DpView, volume: &str, epoch: u64) -> EngineStatus {
         let raid = naming::raid_name(volume);
-        let entry = v.raids.as_array().into_iter().flatten().find(|r| r["name"] == raid.as_str());
+        let entry = v
+            .raids
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == raid.as_str());
         let raid_state = entry.and_then(|e| e["state"].as_str().map(String::from));
         let members = entry.map(raid_members).unwrap_or_default();
-        let nbd_on = v.nbd.as_array().into_iter().flatten().any(|x| x["name"] == volume);
+        let nbd_on = v
+            .nbd
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["name"] == volume);
         let nqn = naming::volume_nqn(volume);
-        let nvmf_on = v.subs.as_array().into_iter().flatten().any(|s| s["nqn"] == nqn.as_str());
+        let nvmf_on = v
+            .subs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["nqn"] == nqn.as_str());
         let (frontend, endpoint) = if nbd_on {
-            (Some(Frontend::Nbd), Some(format!("nbd://{}:{}/{}", self.cfg.address, self.cfg.nbd_port, volume)))
+            (
+                Some(Frontend::Nbd),
+                Some(format!(
+                    "nbd://{}:{}/{}",
+                    self.cfg.address, self.cfg.nbd_port, volume
+                )),
+            )
         } else if nvmf_on {
-            (Some(Frontend::Nvmf), Some(format!("nvme+tcp://{}:{}/{}", self.cfg.address, self.cfg.frontend_port, nqn)))
+            (
+                Some(Frontend::Nvmf),
+                Some(format!(
+                    "nvme+tcp://{}:{}/{}",
+                    self.cfg.address, self.cfg.frontend_port, nqn
+                )),
+            )
         } else {
             (None, None)
         };
-        EngineStatus { volume: volume.into(), epoch, members, raid_state, frontend, endpoint, events: Vec::new() }
+        EngineStatus {
+            volume: volume.into(),
+            epoch,
+            members,
+            raid_state,
+            frontend,
+            endpoint,
+            events: Vec::new(),
+        }
     }
 
     fn replica_status_in(&self, v: &DpView, l: &Value) -> Option<ReplicaStatus> {
         let name = l["name"].as_str()?;
         let disk = l["lvs_name"].as_str()?;
         let nqn = naming::replica_nqn(name);
-        let s = v.subs.as_array().into_iter().flatten().find(|s| s["nqn"] == nqn.as_str());
+        let s = v
+            .subs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["nqn"] == nqn.as_str());
         let hosts = s
-            .map(|s| s["hosts"].as_array().into_iter().flatten().filter_map(|h| h["nqn"].as_str().map(String::from)).collect())
+            .map(|s| {
+                s["hosts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| h["nqn"].as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let snapshots = v
             .lvols
@@ -675,7 +994,8 @@ impl Agent {
         Some(ReplicaStatus {
             name: name.to_string(),
             disk: disk.to_string(),
-            size_bytes: l["num_blocks"].as_u64().unwrap_or(0) * l["block_size"].as_u64().unwrap_or(0),
+            size_bytes: l["num_blocks"].as_u64().unwrap_or(0)
+                * l["block_size"].as_u64().unwrap_or(0),
             nqn,
             traddr: self.cfg.address.clone(),
             trsvcid: self.cfg.nvmf_port.to_string(),
@@ -701,20 +1021,34 @@ impl Agent {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|l| l["is_snapshot"] != true && l["name"].as_str().and_then(naming::replica_volume).is_some())
+            .filter(|l| {
+                l["is_snapshot"] != true
+                    && l["name"]
+                        .as_str()
+                        .and_then(naming::replica_volume)
+                        .is_some()
+            })
             .filter_map(|l| self.replica_status_in(&view, l))
             .collect();
         // Engines: the volumes whose controllers carry an engine host NQN.
         let mut seen_volumes: HashMap<String, u64> = HashMap::new();
         for c in view.ctrls.as_array().into_iter().flatten() {
-            if let Some((v, e)) = naming::parse_engine_hostnqn(c["ctrlrs"][0]["host"]["nqn"].as_str().unwrap_or("")) {
+            if let Some((v, e)) =
+                naming::parse_engine_hostnqn(c["ctrlrs"][0]["host"]["nqn"].as_str().unwrap_or(""))
+            {
                 let cur = seen_volumes.entry(v.to_string()).or_insert(e);
                 *cur = (*cur).max(e);
             }
         }
-        let engines = seen_volumes.iter().map(|(v, e)| self.engine_status_in(&view, v, *e)).collect();
+        let engines = seen_volumes
+            .iter()
+            .map(|(v, e)| self.engine_status_in(&view, v, *e))
+            .collect();
         let (subs, ctrls, lvols) = (&view.subs, &view.ctrls, &view.lvols);
-        let records = self.call("corral_raid_get_records", json!({})).await.unwrap_or(Value::Null);
+        let records = self
+            .call("corral_raid_get_records", json!({}))
+            .await
+            .unwrap_or(Value::Null);
         let raid_records = records
             .as_array()
             .into_iter()
@@ -757,7 +1091,13 @@ impl Agent {
     }
 
     /// Resources that follow corral's naming but that nothing live owns.
-    fn orphans(&self, subs: &Value, ctrls: &Value, lvols: &Value, view: &DpView) -> Option<Vec<Orphan>> {
+    fn orphans(
+        &self,
+        subs: &Value,
+        ctrls: &Value,
+        lvols: &Value,
+        view: &DpView,
+    ) -> Option<Vec<Orphan>> {
         let d = self.desired.lock().clone()?;
         let engine_epoch = |v: &str| d.engines.iter().find(|(x, _)| x == v).map(|(_, e)| *e);
         let mut out = Vec::new();
@@ -766,24 +1106,53 @@ impl Agent {
             let host = c["ctrlrs"][0]["host"]["nqn"].as_str().unwrap_or("");
             if let Some((v, e)) = naming::parse_engine_hostnqn(host) {
                 if engine_epoch(v) != Some(e) {
-                    out.push(("controller", name.to_string(), format!("engine {v} epoch {e}; state {}", c["ctrlrs"][0]["state"].as_str().unwrap_or("?"))));
+                    out.push((
+                        "controller",
+                        name.to_string(),
+                        format!(
+                            "engine {v} epoch {e}; state {}",
+                            c["ctrlrs"][0]["state"].as_str().unwrap_or("?")
+                        ),
+                    ));
                 }
             }
         }
         let raids = &view.raids;
         for r in raids.as_array().into_iter().flatten() {
             let name = r["name"].as_str().unwrap_or("");
-            let ours = r["base_bdevs_list"].as_array().into_iter().flatten().any(|b| {
-                b["name"].as_str().and_then(|n| n.strip_suffix("n1")).and_then(naming::replica_volume) == Some(name)
-            });
+            let ours = r["base_bdevs_list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|b| {
+                    b["name"]
+                        .as_str()
+                        .and_then(|n| n.strip_suffix("n1"))
+                        .and_then(naming::replica_volume)
+                        == Some(name)
+                });
             if ours && engine_epoch(name).is_none() {
-                out.push(("raid", name.to_string(), format!("state {}", r["state"].as_str().unwrap_or("?"))));
+                out.push((
+                    "raid",
+                    name.to_string(),
+                    format!("state {}", r["state"].as_str().unwrap_or("?")),
+                ));
             }
         }
         for x in view.nbd.as_array().into_iter().flatten() {
             let name = x["name"].as_str().unwrap_or("");
-            if engine_epoch(name).is_none() && raids.as_array().into_iter().flatten().all(|r| r["name"] != name || engine_epoch(name).is_none()) {
-                out.push(("nbd_export", name.to_string(), format!("bdev {}", x["bdev_name"].as_str().unwrap_or("?"))));
+            if engine_epoch(name).is_none()
+                && raids
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|r| r["name"] != name || engine_epoch(name).is_none())
+            {
+                out.push((
+                    "nbd_export",
+                    name.to_string(),
+                    format!("bdev {}", x["bdev_name"].as_str().unwrap_or("?")),
+                ));
             }
         }
         for s in subs.as_array().into_iter().flatten() {
@@ -802,18 +1171,30 @@ impl Agent {
             let name = l["name"].as_str().unwrap_or("");
             let owner = l["corral_owner"].as_str().unwrap_or(name);
             if naming::replica_volume(owner).is_some() && !d.replicas.iter().any(|x| x == owner) {
-                out.push(("lvol", l["alias"].as_str().unwrap_or(name).to_string(), "replica data".into()));
+                out.push((
+                    "lvol",
+                    l["alias"].as_str().unwrap_or(name).to_string(),
+                    "replica data".into(),
+                ));
             }
         }
         let now = Instant::now();
         let mut seen = self.seen.lock();
-        let keys: Vec<(String, String)> = out.iter().map(|(k, n, _)| (k.to_string(), n.clone())).collect();
+        let keys: Vec<(String, String)> = out
+            .iter()
+            .map(|(k, n, _)| (k.to_string(), n.clone()))
+            .collect();
         seen.retain(|k, _| keys.contains(k));
         Some(
             out.into_iter()
                 .map(|(k, n, detail)| {
                     let first = *seen.entry((k.to_string(), n.clone())).or_insert(now);
-                    Orphan { kind: k.into(), name: n, detail, age_secs: now.duration_since(first).as_secs() }
+                    Orphan {
+                        kind: k.into(),
+                        name: n,
+                        detail,
+                        age_secs: now.duration_since(first).as_secs(),
+                    }
                 })
                 .collect(),
         )
@@ -825,23 +1206,40 @@ impl Agent {
             return Ok(Vec::new());
         }
         let st = self.status().await?;
-        let Some(orphans) = st.orphans else { return Ok(Vec::new()) };
+        let Some(orphans) = st.orphans else {
+            return Ok(Vec::new());
+        };
         let grace = self.cfg.orphan_grace.as_secs();
         let mut ev = Vec::new();
         // Order matters: consumers before what they consume.
         for kind in ["nbd_export", "raid", "controller", "subsystem", "lvol"] {
-            for o in orphans.iter().filter(|o| o.kind == kind && (force || o.age_secs >= grace)) {
+            for o in orphans
+                .iter()
+                .filter(|o| o.kind == kind && (force || o.age_secs >= grace))
+            {
                 let r = match kind {
                     "nbd_export" => self.call("corral_nbd_stop", json!({"name": o.name})).await,
                     "raid" => self.call("bdev_raid_delete", json!({"name": o.name})).await,
-                    "controller" => self.detach_and_wait(&o.name).await.map(|_| Value::Null).map_err(|e| e.source),
-                    "subsystem" => self.call("nvmf_delete_subsystem", json!({"nqn": o.name})).await,
+                    "controller" => self
+                        .detach_and_wait(&o.name)
+                        .await
+                        .map(|_| Value::Null)
+                        .map_err(|e| e.source),
+                    "subsystem" => {
+                        self.call("nvmf_delete_subsystem", json!({"nqn": o.name}))
+                            .await
+                    }
                     _ => self.call("bdev_lvol_delete", json!({"name": o.name})).await,
                 };
                 match r {
                     Ok(_) => {
                         info!(kind, name = %o.name, age = o.age_secs, "orphan collected");
-                        ev.push(step(kind, &o.name, "collected", &format!("orphan for {} s: {}", o.age_secs, o.detail)));
+                        ev.push(step(
+                            kind,
+                            &o.name,
+                            "collected",
+                            &format!("orphan for {} s: {}", o.age_secs, o.detail),
+                        ));
                     }
                     Err(e) => warn!(kind, name = %o.name, "orphan collection failed: {e}"),
                 }
@@ -866,15 +1264,25 @@ fn raid_members(e: &Value) -> Vec<MemberStatus> {
     let mut out = Vec::new();
     for b in e["base_bdevs_list"].as_array().into_iter().flatten() {
         // corral's raid keeps the name of a member that left in `member`.
-        let Some(n) = b["member"].as_str().or(b["name"].as_str()) else { continue };
+        let Some(n) = b["member"].as_str().or(b["name"].as_str()) else {
+            continue;
+        };
         let replica = n.strip_suffix("n1").unwrap_or(n).to_string();
         let state = b["state"].as_str().map(String::from).unwrap_or_else(|| {
-            if b["is_configured"].as_bool().unwrap_or(false) { "online".into() } else { "out_of_sync".into() }
+            if b["is_configured"].as_bool().unwrap_or(false) {
+                "online".into()
+            } else {
+                "out_of_sync".into()
+            }
         });
         if state == "empty" {
             continue;
         }
-        out.push(MemberStatus { replica, state, reason: b["reason"].as_str().map(String::from) });
+        out.push(MemberStatus {
+            replica,
+            state,
+            reason: b["reason"].as_str().map(String::from),
+        });
     }
     out
 }
@@ -896,7 +1304,12 @@ fn record_members(r: &Value) -> Vec<MemberStatus> {
 }
 
 fn step(kind: &str, name: &str, outcome: &str, detail: &str) -> StepEvent {
-    StepEvent { kind: kind.into(), name: name.into(), outcome: outcome.into(), detail: detail.into() }
+    StepEvent {
+        kind: kind.into(),
+        name: name.into(),
+        outcome: outcome.into(),
+        detail: detail.into(),
+    }
 }
 
 /// (total, free) bytes of the filesystem holding `p`.
@@ -909,6 +1322,9 @@ fn fs_space(p: &std::path::Path) -> Option<(u64, u64)> {
         if libc::statvfs(c.as_ptr(), &mut s) != 0 {
             return None;
         }
-        Some((s.f_blocks as u64 * s.f_frsize as u64, s.f_bavail as u64 * s.f_frsize as u64))
+        Some((
+            s.f_blocks as u64 * s.f_frsize as u64,
+            s.f_bavail as u64 * s.f_frsize as u64,
+        ))
     }
 }

@@ -29,11 +29,20 @@ fn step_err(e: StepError) -> Response {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
-        .route("/v1/replicas/{name}", put(put_replica).delete(delete_replica))
+        .route(
+            "/v1/replicas/{name}",
+            put(put_replica).delete(delete_replica),
+        )
         .route("/v1/replicas/{name}/snapshots", post(snapshot))
-        .route("/v1/replicas/{name}/snapshots/{snap}", axum::routing::delete(delete_snapshot))
+        .route(
+            "/v1/replicas/{name}/snapshots/{snap}",
+            axum::routing::delete(delete_snapshot),
+        )
         .route("/v1/replicas/{name}/revert", post(revert))
-        .route("/v1/engines/{volume}", put(put_engine).delete(delete_engine))
+        .route(
+            "/v1/engines/{volume}",
+            put(put_engine).delete(delete_engine),
+        )
         .route("/v1/desired", put(put_desired))
         .route("/v1/orphans/collect", post(collect))
         .route("/v1/debug/fault", post(set_fault))
@@ -43,13 +52,23 @@ pub fn router(agent: Arc<Agent>) -> Router {
 async fn status(State(a): State<Arc<Agent>>) -> Response {
     match a.status().await {
         Ok(s) => Json(s).into_response(),
-        Err(e) => err(ApiError { message: e.to_string(), class: ErrorClass::Transient }),
+        Err(e) => err(ApiError {
+            message: e.to_string(),
+            class: ErrorClass::Transient,
+        }),
     }
 }
 
-async fn put_replica(State(a): State<Arc<Agent>>, Path(name): Path<String>, Json(spec): Json<ReplicaSpec>) -> Response {
+async fn put_replica(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(spec): Json<ReplicaSpec>,
+) -> Response {
     if spec.name != name {
-        return err(ApiError { message: "name in path and body differ".into(), class: ErrorClass::Permanent });
+        return err(ApiError {
+            message: "name in path and body differ".into(),
+            class: ErrorClass::Permanent,
+        });
     }
     match a.ensure_replica(&spec).await {
         Ok((st, ev)) => Json(json!({"status": st, "events": ev})).into_response(),
@@ -62,7 +81,11 @@ struct DiskQ {
     disk: String,
 }
 
-async fn delete_replica(State(a): State<Arc<Agent>>, Path(name): Path<String>, Query(q): Query<DiskQ>) -> Response {
+async fn delete_replica(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Query(q): Query<DiskQ>,
+) -> Response {
     match a.delete_replica(&name, &q.disk).await {
         Ok(ev) => Json(json!({"events": ev})).into_response(),
         Err(e) => step_err(e),
@@ -79,36 +102,76 @@ fn snap_name(replica: &str, snap: &str) -> String {
     format!("{replica}.snap.{snap}")
 }
 
-async fn snapshot(State(a): State<Arc<Agent>>, Path(name): Path<String>, Json(r): Json<SnapReq>) -> Response {
+async fn snapshot(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(r): Json<SnapReq>,
+) -> Response {
     let alias = crate::naming::lvol_alias(&r.disk, &name);
-    match a.call("bdev_lvol_snapshot", json!({"lvol_name": alias, "snapshot_name": snap_name(&name, &r.snapshot)})).await {
+    match a
+        .call(
+            "bdev_lvol_snapshot",
+            json!({"lvol_name": alias, "snapshot_name": snap_name(&name, &r.snapshot)}),
+        )
+        .await
+    {
         Ok(v) => Json(json!({"snapshot": v})).into_response(),
         Err(e) if e.code() == Some(-17) => Json(json!({"snapshot": "exists"})).into_response(),
-        Err(e) => err(ApiError { message: e.to_string(), class: e.class() }),
+        Err(e) => err(ApiError {
+            message: e.to_string(),
+            class: e.class(),
+        }),
     }
 }
 
-async fn delete_snapshot(State(a): State<Arc<Agent>>, Path((name, snap)): Path<(String, String)>, Query(q): Query<DiskQ>) -> Response {
+async fn delete_snapshot(
+    State(a): State<Arc<Agent>>,
+    Path((name, snap)): Path<(String, String)>,
+    Query(q): Query<DiskQ>,
+) -> Response {
     let alias = crate::naming::lvol_alias(&q.disk, &snap_name(&name, &snap));
     match a.call("bdev_lvol_delete", json!({"name": alias})).await {
         Ok(_) => Json(json!({})).into_response(),
         Err(e) if e.code() == Some(-19) => Json(json!({})).into_response(),
-        Err(e) => err(ApiError { message: e.to_string(), class: e.class() }),
+        Err(e) => err(ApiError {
+            message: e.to_string(),
+            class: e.class(),
+        }),
     }
 }
 
-async fn revert(State(a): State<Arc<Agent>>, Path(name): Path<String>, Json(r): Json<SnapReq>) -> Response {
+async fn revert(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(r): Json<SnapReq>,
+) -> Response {
     let alias = crate::naming::lvol_alias(&r.disk, &name);
     let snap = crate::naming::lvol_alias(&r.disk, &snap_name(&name, &r.snapshot));
-    match a.call("corral_lvol_revert", json!({"name": alias, "snapshot_name": snap})).await {
+    match a
+        .call(
+            "corral_lvol_revert",
+            json!({"name": alias, "snapshot_name": snap}),
+        )
+        .await
+    {
         Ok(_) => Json(json!({})).into_response(),
-        Err(e) => err(ApiError { message: e.to_string(), class: e.class() }),
+        Err(e) => err(ApiError {
+            message: e.to_string(),
+            class: e.class(),
+        }),
     }
 }
 
-async fn put_engine(State(a): State<Arc<Agent>>, Path(volume): Path<String>, Json(spec): Json<EngineSpec>) -> Response {
+async fn put_engine(
+    State(a): State<Arc<Agent>>,
+    Path(volume): Path<String>,
+    Json(spec): Json<EngineSpec>,
+) -> Response {
     if spec.volume != volume {
-        return err(ApiError { message: "volume in path and body differ".into(), class: ErrorClass::Permanent });
+        return err(ApiError {
+            message: "volume in path and body differ".into(),
+            class: ErrorClass::Permanent,
+        });
     }
     match a.ensure_engine(&spec).await {
         Ok(st) => Json(st).into_response(),
@@ -137,7 +200,10 @@ struct CollectQ {
 async fn collect(State(a): State<Arc<Agent>>, Query(q): Query<CollectQ>) -> Response {
     match a.collect_orphans(q.force).await {
         Ok(ev) => Json(json!({"events": ev})).into_response(),
-        Err(e) => err(ApiError { message: e.to_string(), class: e.class() }),
+        Err(e) => err(ApiError {
+            message: e.to_string(),
+            class: e.class(),
+        }),
     }
 }
 
@@ -153,7 +219,10 @@ async fn set_fault(State(a): State<Arc<Agent>>, Json(f): Json<FaultReq>) -> Resp
 }
 
 /// Runs the agent's HTTP API and its background loop (orphan collection).
-pub async fn serve(agent: Arc<Agent>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    agent: Arc<Agent>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(agent.cfg.listen).await?;
     tracing::info!(addr = %agent.cfg.listen, node = %agent.cfg.node, "agent API listening");
     agent.ensure_disks().await;
@@ -169,7 +238,9 @@ pub async fn serve(agent: Arc<Agent>, shutdown: impl std::future::Future<Output 
             }
         }
     });
-    let r = axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await;
+    let r = axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await;
     collector.abort();
     r
 }

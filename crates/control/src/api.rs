@@ -42,7 +42,11 @@ pub struct Knobs {
 impl Default for Knobs {
     /// Longhorn's values.
     fn default() -> Self {
-        Knobs { ctrlr_loss_timeout_sec: 15, reconnect_delay_sec: 2, fast_io_fail_timeout_sec: 10 }
+        Knobs {
+            ctrlr_loss_timeout_sec: 15,
+            reconnect_delay_sec: 2,
+            fast_io_fail_timeout_sec: 10,
+        }
     }
 }
 

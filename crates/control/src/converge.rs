@@ -27,8 +27,12 @@ pub struct WantCtrlr<'a> {
 
 /// Judges one entry of `bdev_nvme_get_controllers` (None: no such name).
 pub fn controller(entry: Option<&Value>, want: &WantCtrlr<'_>) -> Observed {
-    let Some(e) = entry else { return Observed::Absent };
-    let Some(c) = e["ctrlrs"].get(0) else { return Observed::Differs("no path".into()) };
+    let Some(e) = entry else {
+        return Observed::Absent;
+    };
+    let Some(c) = e["ctrlrs"].get(0) else {
+        return Observed::Differs("no path".into());
+    };
     let state = c["state"].as_str().unwrap_or("");
     let t = &c["trid"];
     let host = c["host"]["nqn"].as_str().unwrap_or("");
@@ -71,7 +75,9 @@ pub fn raid_view(entry: &Value) -> RaidView {
     let mut members = Vec::new();
     if let Some(list) = entry["base_bdevs_list"].as_array() {
         for b in list {
-            let Some(n) = b["name"].as_str() else { continue };
+            let Some(n) = b["name"].as_str() else {
+                continue;
+            };
             members.push(n.to_string());
             let configured = b["is_configured"].as_bool().unwrap_or(false);
             let st = b["state"].as_str().unwrap_or("online");
@@ -80,14 +86,20 @@ pub fn raid_view(entry: &Value) -> RaidView {
             }
         }
     }
-    RaidView { state: entry["state"].as_str().unwrap_or("").to_string(), operational, members }
+    RaidView {
+        state: entry["state"].as_str().unwrap_or("").to_string(),
+        operational,
+        members,
+    }
 }
 
 /// Judges the engine's raid: adopt a serving raid whose members are all wanted
 /// (a missing member means degraded, not wrong: tearing down a raid that serves
 /// I/O would break I/O); replace one holding a foreign member or serving nothing.
 pub fn raid(entry: Option<&Value>, want_members: &[String]) -> Observed {
-    let Some(e) = entry else { return Observed::Absent };
+    let Some(e) = entry else {
+        return Observed::Absent;
+    };
     let v = raid_view(e);
     if let Some(f) = v.members.iter().find(|m| !want_members.contains(m)) {
         return Observed::Differs(format!("member {f} is not one of this engine's"));
@@ -103,7 +115,9 @@ pub fn raid(entry: Option<&Value>, want_members: &[String]) -> Observed {
 
 /// Judges an NBD export entry of `corral_nbd_list` (name, bdev_name).
 pub fn nbd_export(entry: Option<&Value>, want_bdev: &str) -> Observed {
-    let Some(e) = entry else { return Observed::Absent };
+    let Some(e) = entry else {
+        return Observed::Absent;
+    };
     match e["bdev_name"].as_str() {
         Some(b) if b == want_bdev => Observed::Matches,
         b => Observed::Differs(format!("exports bdev {}", b.unwrap_or("?"))),
@@ -187,14 +201,24 @@ mod tests {
             "host": {"nqn": host}}]})
     }
 
-    const W: WantCtrlr<'static> =
-        WantCtrlr { traddr: "127.0.0.1", trsvcid: "4420", subnqn: "nqn.s", hostnqn: "nqn.h:e2" };
+    const W: WantCtrlr<'static> = WantCtrlr {
+        traddr: "127.0.0.1",
+        trsvcid: "4420",
+        subnqn: "nqn.s",
+        hostnqn: "nqn.h:e2",
+    };
 
     #[test]
     fn controller_decisions() {
         assert_eq!(controller(None, &W), Observed::Absent);
-        assert_eq!(controller(Some(&ctrl("enabled", "4420", "nqn.h:e2")), &W), Observed::Matches);
-        assert_eq!(controller(Some(&ctrl("resetting", "4420", "nqn.h:e2")), &W), Observed::Matches);
+        assert_eq!(
+            controller(Some(&ctrl("enabled", "4420", "nqn.h:e2")), &W),
+            Observed::Matches
+        );
+        assert_eq!(
+            controller(Some(&ctrl("resetting", "4420", "nqn.h:e2")), &W),
+            Observed::Matches
+        );
         // The seed bug's leftovers: failed, deleting, an older epoch, another path.
         for (c, why) in [
             (ctrl("failed", "4420", "nqn.h:e2"), "state failed"),
@@ -218,11 +242,35 @@ mod tests {
     fn raid_decisions() {
         let want = vec!["a".to_string(), "b".to_string(), "c".to_string()];
         assert_eq!(raid(None, &want), Observed::Absent);
-        assert_eq!(raid(Some(&raid_entry("online", &[("a", true), ("b", true), ("c", true)])), &want), Observed::Matches);
+        assert_eq!(
+            raid(
+                Some(&raid_entry(
+                    "online",
+                    &[("a", true), ("b", true), ("c", true)]
+                )),
+                &want
+            ),
+            Observed::Matches
+        );
         // Degraded (a member dropped) is adopted, not torn down.
-        assert_eq!(raid(Some(&raid_entry("online", &[("a", true), ("b", false)])), &want), Observed::Matches);
-        assert!(matches!(raid(Some(&raid_entry("online", &[("a", true), ("x", true)])), &want), Observed::Differs(_)));
-        assert!(matches!(raid(Some(&raid_entry("offline", &[("a", false)])), &want), Observed::Differs(_)));
+        assert_eq!(
+            raid(
+                Some(&raid_entry("online", &[("a", true), ("b", false)])),
+                &want
+            ),
+            Observed::Matches
+        );
+        assert!(matches!(
+            raid(
+                Some(&raid_entry("online", &[("a", true), ("x", true)])),
+                &want
+            ),
+            Observed::Differs(_)
+        ));
+        assert!(matches!(
+            raid(Some(&raid_entry("offline", &[("a", false)])), &want),
+            Observed::Differs(_)
+        ));
     }
 
     #[test]
@@ -233,10 +281,20 @@ mod tests {
         let e = json!({"namespaces": [{"nsid": 1, "bdev_name": "d/r"}, {"nsid": 2, "bdev_name": "other"}],
             "listen_addresses": [{"traddr": "127.0.0.1", "trsvcid": "4420"}],
             "hosts": [{"nqn": "nqn.h:e1"}], "allow_any_host": false});
-        let p = replica_subsystem(Some(&e), &["d/r", "uuid-x"], "127.0.0.1", "4420", Some("nqn.h:e2"));
+        let p = replica_subsystem(
+            Some(&e),
+            &["d/r", "uuid-x"],
+            "127.0.0.1",
+            "4420",
+            Some("nqn.h:e2"),
+        );
         assert!(!p.create && !p.add_ns && !p.add_listener);
         assert_eq!(p.remove_ns, vec![2]);
         assert_eq!(p.add_hosts, vec!["nqn.h:e2"]);
-        assert_eq!(p.remove_hosts, vec!["nqn.h:e1"], "the old epoch is fenced off");
+        assert_eq!(
+            p.remove_hosts,
+            vec!["nqn.h:e1"],
+            "the old epoch is fenced off"
+        );
     }
 }

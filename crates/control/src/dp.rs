@@ -14,7 +14,11 @@ use crate::retry::{classify_rpc_code, ErrorClass};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DpError {
     #[error("dataplane {method}: error {code}: {message}")]
-    Rpc { method: String, code: i32, message: String },
+    Rpc {
+        method: String,
+        code: i32,
+        message: String,
+    },
     #[error("dataplane {method}: {reason}")]
     Transport { method: String, reason: String },
 }
@@ -45,16 +49,27 @@ pub struct DpClient {
 
 impl DpClient {
     pub fn new(path: PathBuf) -> Self {
-        DpClient { path, conn: Mutex::new(None) }
+        DpClient {
+            path,
+            conn: Mutex::new(None),
+        }
     }
 
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, DpError> {
         self.call_timeout(method, params, CALL_TIMEOUT).await
     }
 
-    pub async fn call_timeout(&self, method: &str, params: Value, t: Duration) -> Result<Value, DpError> {
+    pub async fn call_timeout(
+        &self,
+        method: &str,
+        params: Value,
+        t: Duration,
+    ) -> Result<Value, DpError> {
         let mut g = self.conn.lock().await;
-        let tr = |reason: String| DpError::Transport { method: method.to_string(), reason };
+        let tr = |reason: String| DpError::Transport {
+            method: method.to_string(),
+            reason,
+        };
         if g.is_none() {
             let c = tokio::time::timeout(Duration::from_secs(5), RpcClient::connect(&self.path))
                 .await
@@ -62,10 +77,16 @@ impl DpClient {
                 .map_err(|e| tr(format!("connect to {}: {e}", self.path.display())))?;
             *g = Some(c);
         }
-        let Some(c) = g.as_mut() else { return Err(tr("no connection".into())) };
+        let Some(c) = g.as_mut() else {
+            return Err(tr("no connection".into()));
+        };
         match tokio::time::timeout(t, c.call(method, params)).await {
             Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(e))) => Err(DpError::Rpc { method: method.to_string(), code: e.code, message: e.message }),
+            Ok(Ok(Err(e))) => Err(DpError::Rpc {
+                method: method.to_string(),
+                code: e.code,
+                message: e.message,
+            }),
             Ok(Err(e)) => {
                 *g = None;
                 Err(tr(e.to_string()))

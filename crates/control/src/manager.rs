@@ -31,7 +31,11 @@ pub struct ManagerConfig {
 
 impl Default for ManagerConfig {
     fn default() -> Self {
-        ManagerConfig { knobs: Knobs::default(), tick: Duration::from_millis(1000), node_timeout: Duration::from_secs(10) }
+        ManagerConfig {
+            knobs: Knobs::default(),
+            tick: Duration::from_millis(1000),
+            node_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -48,13 +52,22 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(status: u16, class: ErrorClass, message: impl Into<String>) -> Self {
-        OpError { message: message.into(), class, advice: None, status }
+        OpError {
+            message: message.into(),
+            class,
+            advice: None,
+            status,
+        }
     }
     pub fn bad(message: impl Into<String>) -> Self {
         Self::new(400, ErrorClass::Permanent, message)
     }
     pub fn not_found(what: &str, name: &str) -> Self {
-        Self::new(404, ErrorClass::Permanent, format!("{what} {name} does not exist"))
+        Self::new(
+            404,
+            ErrorClass::Permanent,
+            format!("{what} {name} does not exist"),
+        )
     }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(409, ErrorClass::Permanent, message)
@@ -142,7 +155,14 @@ impl Manager {
     pub fn event(&self, kind: &str, object: &str, reason: &str, message: impl Into<String>) {
         let message = message.into();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let e = Event { seq, time: now_secs(), kind: kind.into(), object: object.into(), reason: reason.into(), message };
+        let e = Event {
+            seq,
+            time: now_secs(),
+            kind: kind.into(),
+            object: object.into(),
+            reason: reason.into(),
+            message,
+        };
         info!(kind, object, reason, message = %e.message, "event");
         let r = self.store.write(|t| {
             t.put(&format!("event/{seq:020}"), &e)?;
@@ -177,26 +197,36 @@ impl Manager {
         if let Some(b) = body {
             rq = rq.json(b);
         }
-        let resp = rq
-            .send()
-            .await
-            .map_err(|e| OpError::transient(format!("node {}: agent unreachable ({method} {path}): {e}", node.name)))?;
+        let resp = rq.send().await.map_err(|e| {
+            OpError::transient(format!(
+                "node {}: agent unreachable ({method} {path}): {e}",
+                node.name
+            ))
+        })?;
         let status = resp.status();
         if status.is_success() {
-            return resp
-                .json::<T>()
-                .await
-                .map_err(|e| OpError::transient(format!("node {}: bad agent answer to {path}: {e}", node.name)));
+            return resp.json::<T>().await.map_err(|e| {
+                OpError::transient(format!(
+                    "node {}: bad agent answer to {path}: {e}",
+                    node.name
+                ))
+            });
         }
         let e: ApiError = resp.json().await.unwrap_or(ApiError {
             message: format!("HTTP {status}"),
             class: ErrorClass::Transient,
         });
-        Err(OpError::new(status.as_u16(), e.class, format!("node {}: {}", node.name, e.message)))
+        Err(OpError::new(
+            status.as_u16(),
+            e.class,
+            format!("node {}: {}", node.name, e.message),
+        ))
     }
 
     pub fn node(&self, name: &str) -> Result<Node, OpError> {
-        self.store.get::<Node>(&nkey(name))?.ok_or_else(|| OpError::not_found("node", name))
+        self.store
+            .get::<Node>(&nkey(name))?
+            .ok_or_else(|| OpError::not_found("node", name))
     }
 
     pub fn nodes(&self) -> Result<Vec<Node>, OpError> {
@@ -204,8 +234,14 @@ impl Manager {
     }
 
     /// Registers (or updates) a node; its agent is polled from then on.
-    pub fn register_node(&self, name: &str, agent_url: &str, address: &str) -> Result<Node, OpError> {
-        naming::valid_volume_name(name).map_err(|e| OpError::bad(format!("node name {name}: {e}")))?;
+    pub fn register_node(
+        &self,
+        name: &str,
+        agent_url: &str,
+        address: &str,
+    ) -> Result<Node, OpError> {
+        naming::valid_volume_name(name)
+            .map_err(|e| OpError::bad(format!("node name {name}: {e}")))?;
         let n = self.store.write(|t| {
             let mut n: Node = t.get(&nkey(name))?.unwrap_or(Node {
                 name: name.into(),
@@ -221,7 +257,12 @@ impl Manager {
             t.put(&nkey(name), &n)?;
             Ok(n)
         })?;
-        self.event("node", name, "Registered", format!("agent {agent_url}, address {address}"));
+        self.event(
+            "node",
+            name,
+            "Registered",
+            format!("agent {agent_url}, address {address}"),
+        );
         self.wake.notify_one();
         Ok(n)
     }
@@ -238,7 +279,11 @@ impl Manager {
         let replicas: Vec<Replica> = self.store.list("replica/")?;
         let volumes: Vec<Volume> = self.store.list("volume/")?;
         Ok(Desired {
-            replicas: replicas.into_iter().filter(|r| r.node == node).map(|r| r.name).collect(),
+            replicas: replicas
+                .into_iter()
+                .filter(|r| r.node == node)
+                .map(|r| r.name)
+                .collect(),
             engines: volumes
                 .into_iter()
                 .filter(|v| v.engine_node.as_deref() == Some(node))
@@ -249,7 +294,9 @@ impl Manager {
 
     async fn push_desired(&self, node: &Node) -> Result<(), OpError> {
         let d = self.desired_for(&node.name)?;
-        let _: serde_json::Value = self.agent(node, reqwest::Method::PUT, "/v1/desired", Some(&d)).await?;
+        let _: serde_json::Value = self
+            .agent(node, reqwest::Method::PUT, "/v1/desired", Some(&d))
+            .await?;
         Ok(())
     }
 
@@ -261,7 +308,9 @@ impl Manager {
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
                 let _ = me.push_desired(&n).await;
-                let r: Result<AgentStatus, OpError> = me.agent(&n, reqwest::Method::GET, "/v1/status", None::<&()>).await;
+                let r: Result<AgentStatus, OpError> = me
+                    .agent(&n, reqwest::Method::GET, "/v1/status", None::<&()>)
+                    .await;
                 (n, r)
             }));
         }
@@ -271,7 +320,9 @@ impl Manager {
                 Ok(st) => {
                     let was_ready = n.ready;
                     let _ = self.store.write(|t| {
-                        let Some(mut node) = t.get::<Node>(&nkey(&n.name))? else { return Ok(()) };
+                        let Some(mut node) = t.get::<Node>(&nkey(&n.name))? else {
+                            return Ok(());
+                        };
                         let replicas: Vec<Replica> = Vec::new();
                         let _ = replicas;
                         node.ready = true;
@@ -286,7 +337,11 @@ impl Manager {
                                 path: d.path.clone(),
                                 total_bytes: d.total_bytes,
                                 free_bytes: d.free_bytes,
-                                scheduled_bytes: old.iter().find(|o| o.name == d.name).map(|o| o.scheduled_bytes).unwrap_or(0),
+                                scheduled_bytes: old
+                                    .iter()
+                                    .find(|o| o.name == d.name)
+                                    .map(|o| o.scheduled_bytes)
+                                    .unwrap_or(0),
                                 ready: d.ready,
                                 reason: d.reason.clone(),
                             })
@@ -297,10 +352,17 @@ impl Manager {
                         self.event("node", &n.name, "Ready", "agent answers");
                     }
                     for d in st.disks.iter().filter(|d| !d.ready) {
-                        self.event("node", &n.name, "DiskNotReady", format!("disk {}: {}", d.name, d.reason.clone().unwrap_or_default()));
+                        self.event(
+                            "node",
+                            &n.name,
+                            "DiskNotReady",
+                            format!("disk {}: {}", d.name, d.reason.clone().unwrap_or_default()),
+                        );
                     }
                     self.record_health(&n.name, &st);
-                    self.status.lock().insert(n.name.clone(), (st, Instant::now()));
+                    self.status
+                        .lock()
+                        .insert(n.name.clone(), (st, Instant::now()));
                 }
                 Err(e) => {
                     let stale = self
@@ -328,26 +390,46 @@ impl Manager {
     /// record that survives a dataplane crash) is out of sync from now on.
     fn record_health(&self, node: &str, st: &AgentStatus) {
         let volumes: Vec<Volume> = self.store.list("volume/").unwrap_or_default();
-        for v in volumes.iter().filter(|v| v.engine_node.as_deref() == Some(node)) {
+        for v in volumes
+            .iter()
+            .filter(|v| v.engine_node.as_deref() == Some(node))
+        {
             let mut dropped: Vec<(String, String)> = Vec::new();
-            if let Some(e) = st.engines.iter().find(|e| e.volume == v.name && e.epoch == v.epoch) {
+            if let Some(e) = st
+                .engines
+                .iter()
+                .find(|e| e.volume == v.name && e.epoch == v.epoch)
+            {
                 for m in &e.members {
                     if m.state != "online" && m.state != "rebuilding" {
-                        dropped.push((m.replica.clone(), m.reason.clone().unwrap_or_else(|| m.state.clone())));
+                        dropped.push((
+                            m.replica.clone(),
+                            m.reason.clone().unwrap_or_else(|| m.state.clone()),
+                        ));
                     }
                 }
             }
             // Only this epoch's record: older ones describe engines that are gone.
             let uuid = naming::raid_uuid(&v.name, v.epoch).to_string();
-            for rec in st.raid_records.iter().filter(|r| r.raid == naming::raid_name(&v.name) && r.uuid == uuid) {
+            for rec in st
+                .raid_records
+                .iter()
+                .filter(|r| r.raid == naming::raid_name(&v.name) && r.uuid == uuid)
+            {
                 for m in &rec.members {
                     if m.state != "online" && m.state != "rebuilding" {
-                        dropped.push((m.replica.clone(), m.reason.clone().unwrap_or_else(|| m.state.clone())));
+                        dropped.push((
+                            m.replica.clone(),
+                            m.reason.clone().unwrap_or_else(|| m.state.clone()),
+                        ));
                     }
                 }
             }
             for (r, why) in dropped {
-                self.mark_out_of_sync(&r, &format!("dropped by the engine at epoch {}: {why}", v.epoch));
+                self.mark_out_of_sync(
+                    &r,
+                    &format!("dropped by the engine at epoch {}: {why}", v.epoch),
+                );
             }
         }
     }
@@ -357,7 +439,9 @@ impl Manager {
         let changed = self
             .store
             .write(|t| {
-                let Some(mut r) = t.get::<Replica>(&rkey(replica))? else { return Ok(false) };
+                let Some(mut r) = t.get::<Replica>(&rkey(replica))? else {
+                    return Ok(false);
+                };
                 if r.state != ReplicaState::Healthy {
                     return Ok(false);
                 }
@@ -380,7 +464,9 @@ impl Manager {
         let changed = self
             .store
             .write(|t| {
-                let Some(mut r) = t.get::<Replica>(&rkey(replica))? else { return Ok(false) };
+                let Some(mut r) = t.get::<Replica>(&rkey(replica))? else {
+                    return Ok(false);
+                };
                 if r.state == ReplicaState::Failed && r.reason.as_deref() == Some(reason) {
                     return Ok(false);
                 }
@@ -398,7 +484,9 @@ impl Manager {
     // ---------------------------------------------------------- volumes ----
 
     pub fn volume(&self, name: &str) -> Result<Volume, OpError> {
-        self.store.get::<Volume>(&vkey(name))?.ok_or_else(|| OpError::not_found("volume", name))
+        self.store
+            .get::<Volume>(&vkey(name))?
+            .ok_or_else(|| OpError::not_found("volume", name))
     }
 
     pub fn volumes(&self) -> Result<Vec<Volume>, OpError> {
@@ -407,17 +495,30 @@ impl Manager {
 
     pub fn replicas(&self, volume: Option<&str>) -> Result<Vec<Replica>, OpError> {
         let all: Vec<Replica> = self.store.list("replica/")?;
-        Ok(all.into_iter().filter(|r| volume.is_none_or(|v| r.volume == v)).collect())
+        Ok(all
+            .into_iter()
+            .filter(|r| volume.is_none_or(|v| r.volume == v))
+            .collect())
     }
 
     /// Creates a volume and places its replicas; they are created by the reconciler.
-    pub fn create_volume(&self, name: &str, size_bytes: u64, replicas: u32) -> Result<Volume, OpError> {
-        naming::valid_volume_name(name).map_err(|e| OpError::bad(format!("volume name {name}: {e}")))?;
-        if size_bytes == 0 || size_bytes % 4096 != 0 {
-            return Err(OpError::bad(format!("volume {name}: size must be a positive multiple of 4096 bytes")));
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        replicas: u32,
+    ) -> Result<Volume, OpError> {
+        naming::valid_volume_name(name)
+            .map_err(|e| OpError::bad(format!("volume name {name}: {e}")))?;
+        if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
+            return Err(OpError::bad(format!(
+                "volume {name}: size must be a positive multiple of 4096 bytes"
+            )));
         }
         if replicas == 0 || replicas > 16 {
-            return Err(OpError::bad(format!("volume {name}: replicas must be 1..=16")));
+            return Err(OpError::bad(format!(
+                "volume {name}: replicas must be 1..=16"
+            )));
         }
         let nodes = self.nodes()?;
         let placed = placement::place(&nodes, &[], replicas as usize, size_bytes).map_err(|e| {
@@ -470,7 +571,14 @@ impl Manager {
             "volume",
             name,
             "Created",
-            format!("{size_bytes} bytes, {replicas} replicas on {}", placed.iter().map(|(n, d)| format!("{n}/{d}")).collect::<Vec<_>>().join(", ")),
+            format!(
+                "{size_bytes} bytes, {replicas} replicas on {}",
+                placed
+                    .iter()
+                    .map(|(n, d)| format!("{n}/{d}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         );
         self.wake.notify_one();
         Ok(v)
@@ -479,9 +587,13 @@ impl Manager {
     /// Sets the desired attachment. Idempotent: attaching where it is attached is a no-op.
     pub fn set_attach(&self, name: &str, spec: Option<AttachSpec>) -> Result<Volume, OpError> {
         let v = self.store.write(|t| {
-            let Some(mut v) = t.get::<Volume>(&vkey(name))? else { return Ok(Err(OpError::not_found("volume", name))) };
+            let Some(mut v) = t.get::<Volume>(&vkey(name))? else {
+                return Ok(Err(OpError::not_found("volume", name)));
+            };
             if v.state == VolumeState::Deleting {
-                return Ok(Err(OpError::conflict(format!("volume {name} is being deleted"))));
+                return Ok(Err(OpError::conflict(format!(
+                    "volume {name} is being deleted"
+                ))));
             }
             if let (Some(cur), Some(new)) = (&v.attach, &spec) {
                 if cur != new {
@@ -507,7 +619,9 @@ impl Manager {
 
     pub fn delete_volume(&self, name: &str) -> Result<(), OpError> {
         self.store.write(|t| {
-            let Some(mut v) = t.get::<Volume>(&vkey(name))? else { return Ok(Err(OpError::not_found("volume", name))) };
+            let Some(mut v) = t.get::<Volume>(&vkey(name))? else {
+                return Ok(Err(OpError::not_found("volume", name)));
+            };
             v.attach = None;
             v.state = VolumeState::Deleting;
             t.put(&vkey(name), &v)?;
@@ -522,24 +636,34 @@ impl Manager {
     /// Grows a detached volume.
     pub fn expand_volume(&self, name: &str, size_bytes: u64) -> Result<Volume, OpError> {
         let v = self.volume(name)?;
-        if size_bytes <= v.size_bytes || size_bytes % 4096 != 0 {
+        if size_bytes <= v.size_bytes || !size_bytes.is_multiple_of(4096) {
             return Err(OpError::bad(format!(
                 "volume {name}: new size must be larger than {} and a multiple of 4096",
                 v.size_bytes
             )));
         }
         if v.state != VolumeState::Detached {
-            return Err(OpError::conflict(format!("volume {name} is {:?}; expand works on a detached volume", v.state))
-                .with_advice(format!("corral volume detach {name}")));
+            return Err(OpError::conflict(format!(
+                "volume {name} is {:?}; expand works on a detached volume",
+                v.state
+            ))
+            .with_advice(format!("corral volume detach {name}")));
         }
         let v = self.store.write(|t| {
-            let Some(mut v) = t.get::<Volume>(&vkey(name))? else { return Ok(None) };
+            let Some(mut v) = t.get::<Volume>(&vkey(name))? else {
+                return Ok(None);
+            };
             v.size_bytes = size_bytes;
             v.state = VolumeState::Creating;
             t.put(&vkey(name), &v)?;
             Ok(Some(v))
         })?;
-        self.event("volume", name, "Expanding", format!("to {size_bytes} bytes"));
+        self.event(
+            "volume",
+            name,
+            "Expanding",
+            format!("to {size_bytes} bytes"),
+        );
         self.wake.notify_one();
         v.ok_or_else(|| OpError::not_found("volume", name))
     }
@@ -549,7 +673,9 @@ impl Manager {
     pub fn salvage(&self, name: &str) -> Result<Vec<String>, OpError> {
         let rs = self.replicas(Some(name))?;
         if rs.iter().any(|r| r.state == ReplicaState::Healthy) {
-            return Err(OpError::conflict(format!("volume {name} has a healthy replica; salvage is for when none is left")));
+            return Err(OpError::conflict(format!(
+                "volume {name} has a healthy replica; salvage is for when none is left"
+            )));
         }
         let best = rs
             .iter()
@@ -557,8 +683,14 @@ impl Manager {
             .filter(|r| !r.reason.as_deref().unwrap_or("").contains("data is gone"))
             .map(|r| r.last_in_sync_epoch)
             .max()
-            .ok_or_else(|| OpError::conflict(format!("volume {name}: no replica with data left")))?;
-        let chosen: Vec<String> = rs.iter().filter(|r| r.last_in_sync_epoch == best && r.state != ReplicaState::Healthy).map(|r| r.name.clone()).collect();
+            .ok_or_else(|| {
+                OpError::conflict(format!("volume {name}: no replica with data left"))
+            })?;
+        let chosen: Vec<String> = rs
+            .iter()
+            .filter(|r| r.last_in_sync_epoch == best && r.state != ReplicaState::Healthy)
+            .map(|r| r.name.clone())
+            .collect();
         self.store.write(|t| {
             for c in &chosen {
                 if let Some(mut r) = t.get::<Replica>(&rkey(c))? {
@@ -576,14 +708,24 @@ impl Manager {
             }
             Ok(())
         })?;
-        self.event("volume", name, "Salvaged", format!("replicas in sync last (epoch {best}): {}", chosen.join(", ")));
+        self.event(
+            "volume",
+            name,
+            "Salvaged",
+            format!(
+                "replicas in sync last (epoch {best}): {}",
+                chosen.join(", ")
+            ),
+        );
         self.wake.notify_one();
         Ok(chosen)
     }
 
     fn transition(&self, name: &str, to: VolumeState, why: &str) -> Result<Volume, OpError> {
         let (v, from) = self.store.write(|t| {
-            let Some(mut v) = t.get::<Volume>(&vkey(name))? else { return Ok((None, None)) };
+            let Some(mut v) = t.get::<Volume>(&vkey(name))? else {
+                return Ok((None, None));
+            };
             let from = v.state;
             if from != to {
                 v.state = to;
@@ -594,14 +736,21 @@ impl Manager {
         })?;
         let v = v.ok_or_else(|| OpError::not_found("volume", name))?;
         if from != Some(to) {
-            self.event("volume", name, &format!("{to:?}"), format!("{:?} → {to:?}: {why}", from.unwrap_or(to)));
+            self.event(
+                "volume",
+                name,
+                &format!("{to:?}"),
+                format!("{:?} → {to:?}: {why}", from.unwrap_or(to)),
+            );
         }
         Ok(v)
     }
 
     fn update_volume(&self, name: &str, f: impl FnOnce(&mut Volume)) -> Result<Volume, OpError> {
         let v = self.store.write(|t| {
-            let Some(mut v) = t.get::<Volume>(&vkey(name))? else { return Ok(None) };
+            let Some(mut v) = t.get::<Volume>(&vkey(name))? else {
+                return Ok(None);
+            };
             f(&mut v);
             t.put(&vkey(name), &v)?;
             Ok(Some(v))
@@ -650,7 +799,11 @@ impl Manager {
             let vols = self.volumes().unwrap_or_default();
             let mut tasks = Vec::new();
             for v in vols {
-                let due = self.backoff.lock().get(&v.name).is_none_or(|(_, at)| Instant::now() >= *at);
+                let due = self
+                    .backoff
+                    .lock()
+                    .get(&v.name)
+                    .is_none_or(|(_, at)| Instant::now() >= *at);
                 if !due {
                     continue;
                 }
@@ -669,7 +822,12 @@ impl Manager {
 
     /// Reconciles one volume, with per-volume backoff on transient failures.
     pub async fn reconcile(&self, name: &str) {
-        let lock = self.vol_locks.lock().entry(name.to_string()).or_default().clone();
+        let lock = self
+            .vol_locks
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
         let Ok(_g) = lock.try_lock() else { return };
         match self.reconcile_inner(name).await {
             Ok(()) => {
@@ -680,21 +838,37 @@ impl Manager {
             }
             Err(e) if e.class == ErrorClass::Transient => {
                 let mut g = self.backoff.lock();
-                let (b, at) = g
-                    .entry(name.to_string())
-                    .or_insert_with(|| (Backoff::new(Duration::from_millis(500), Duration::from_secs(30)), Instant::now()));
+                let (b, at) = g.entry(name.to_string()).or_insert_with(|| {
+                    (
+                        Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+                        Instant::now(),
+                    )
+                });
                 let d = b.next_delay();
                 *at = Instant::now() + d;
                 let attempts = b.attempts();
                 drop(g);
-                warn!(volume = name, attempts, retry_in_ms = d.as_millis() as u64, "reconcile failed: {}", e.message);
+                warn!(
+                    volume = name,
+                    attempts,
+                    retry_in_ms = d.as_millis() as u64,
+                    "reconcile failed: {}",
+                    e.message
+                );
                 let _ = self.update_volume(name, |v| {
-                    v.set_condition("Retrying", format!("{} (attempt {attempts})", e.message), e.advice.clone());
+                    v.set_condition(
+                        "Retrying",
+                        format!("{} (attempt {attempts})", e.message),
+                        e.advice.clone(),
+                    );
                 });
             }
             Err(e) => {
                 warn!(volume = name, "permanent failure: {}", e.message);
-                let advice = e.advice.clone().unwrap_or_else(|| "fix the cause, then repeat the request".into());
+                let advice = e
+                    .advice
+                    .clone()
+                    .unwrap_or_else(|| "fix the cause, then repeat the request".into());
                 let _ = self.update_volume(name, |v| {
                     v.set_condition("Faulted", e.message.clone(), Some(advice.clone()));
                 });
@@ -720,13 +894,17 @@ impl Manager {
             _ => {}
         }
         match (&v.attach, v.state) {
-            (Some(spec), VolumeState::Detached | VolumeState::Attaching) => self.attach(v.clone(), spec.clone()).await,
+            (Some(spec), VolumeState::Detached | VolumeState::Attaching) => {
+                self.attach(v.clone(), spec.clone()).await
+            }
             (Some(_), VolumeState::Attached) => self.check_attached(v).await,
             // Attach asked again while a detach was cut short: the new engine
             // converges from whatever the old one left (its epoch differs, so
             // leftovers are replaced, never adopted); no detach cycle first.
             (Some(spec), VolumeState::Detaching) => self.attach(v.clone(), spec.clone()).await,
-            (None, VolumeState::Attached | VolumeState::Attaching | VolumeState::Detaching) => self.detach(v).await,
+            (None, VolumeState::Attached | VolumeState::Attaching | VolumeState::Detaching) => {
+                self.detach(v).await
+            }
             _ => Ok(()),
         }
     }
@@ -740,15 +918,34 @@ impl Manager {
                 continue;
             }
             let node = self.node(&r.node)?;
-            let spec = ReplicaSpec { name: r.name.clone(), volume: v.name.clone(), disk: r.disk.clone(), size_bytes: v.size_bytes, allowed_host: None };
-            match self.agent::<serde_json::Value>(&node, reqwest::Method::PUT, &format!("/v1/replicas/{}", r.name), Some(&spec)).await {
+            let spec = ReplicaSpec {
+                name: r.name.clone(),
+                volume: v.name.clone(),
+                disk: r.disk.clone(),
+                size_bytes: v.size_bytes,
+                allowed_host: None,
+            };
+            match self
+                .agent::<serde_json::Value>(
+                    &node,
+                    reqwest::Method::PUT,
+                    &format!("/v1/replicas/{}", r.name),
+                    Some(&spec),
+                )
+                .await
+            {
                 Ok(resp) => {
                     ok += 1;
                     if r.state == ReplicaState::Pending {
                         self.update_replica(&r.name, |r| r.state = ReplicaState::Healthy)?;
                     }
-                    if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(resp["events"].clone()) {
-                        self.emit_steps(&ev.into_iter().filter(|e| e.outcome != "adopted").collect::<Vec<_>>());
+                    if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(resp["events"].clone())
+                    {
+                        self.emit_steps(
+                            &ev.into_iter()
+                                .filter(|e| e.outcome != "adopted")
+                                .collect::<Vec<_>>(),
+                        );
                     }
                 }
                 Err(e) if e.class == ErrorClass::Permanent => {
@@ -759,7 +956,8 @@ impl Manager {
             }
         }
         if ok == 0 {
-            return Err(last_err.unwrap_or_else(|| OpError::transient(format!("volume {}: no replica", v.name))));
+            return Err(last_err
+                .unwrap_or_else(|| OpError::transient(format!("volume {}: no replica", v.name))));
         }
         Ok(())
     }
@@ -773,20 +971,35 @@ impl Manager {
                 v.epoch += 1;
                 v.engine_node = Some(spec.node.clone());
             })?;
-            self.transition(&name, VolumeState::Attaching, &format!("attach to {} ({:?}), engine epoch {}", spec.node, spec.frontend, v.epoch))?;
+            self.transition(
+                &name,
+                VolumeState::Attaching,
+                &format!(
+                    "attach to {} ({:?}), engine epoch {}",
+                    spec.node, spec.frontend, v.epoch
+                ),
+            )?;
         }
         *self.attach_attempts.lock().entry(name.clone()).or_insert(0) += 1;
         v = self.update_volume(&name, |v| v.attach_attempts += 1)?;
         let node = self.node(&spec.node)?;
         if !node.ready {
-            return Err(OpError::transient(format!("node {} is not ready: {}", node.name, node.reason.clone().unwrap_or_default())));
+            return Err(OpError::transient(format!(
+                "node {} is not ready: {}",
+                node.name,
+                node.reason.clone().unwrap_or_default()
+            )));
         }
         // Tell the engine node what it runs before creating it, so its orphan
         // detector never mistakes this epoch's resources for leftovers.
         self.push_desired(&node).await?;
         let hostnqn = naming::engine_hostnqn(&name, v.epoch);
         let replicas = self.replicas(Some(&name))?;
-        let healthy: Vec<Replica> = replicas.iter().filter(|r| r.state == ReplicaState::Healthy).cloned().collect();
+        let healthy: Vec<Replica> = replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Healthy)
+            .cloned()
+            .collect();
         if healthy.is_empty() {
             return Err(OpError::new(409, ErrorClass::Permanent, format!("volume {name}: no healthy replica left")).with_advice(format!(
                 "if the replicas that were in sync last still hold data: corral volume salvage {name}"
@@ -796,28 +1009,76 @@ impl Manager {
         let mut usable = Vec::new();
         for r in &healthy {
             let rn = self.node(&r.node)?;
-            let rs = ReplicaSpec { name: r.name.clone(), volume: name.clone(), disk: r.disk.clone(), size_bytes: v.size_bytes, allowed_host: Some(hostnqn.clone()) };
-            match self.agent::<serde_json::Value>(&rn, reqwest::Method::PUT, &format!("/v1/replicas/{}", r.name), Some(&rs)).await {
+            let rs = ReplicaSpec {
+                name: r.name.clone(),
+                volume: name.clone(),
+                disk: r.disk.clone(),
+                size_bytes: v.size_bytes,
+                allowed_host: Some(hostnqn.clone()),
+            };
+            match self
+                .agent::<serde_json::Value>(
+                    &rn,
+                    reqwest::Method::PUT,
+                    &format!("/v1/replicas/{}", r.name),
+                    Some(&rs),
+                )
+                .await
+            {
                 Ok(resp) => {
-                    if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(resp["events"].clone()) {
-                        self.emit_steps(&ev.into_iter().filter(|e| e.outcome != "adopted").collect::<Vec<_>>());
+                    if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(resp["events"].clone())
+                    {
+                        self.emit_steps(
+                            &ev.into_iter()
+                                .filter(|e| e.outcome != "adopted")
+                                .collect::<Vec<_>>(),
+                        );
                     }
-                    usable.push(EngineReplica { name: r.name.clone(), traddr: rn.address.clone(), trsvcid: resp["status"]["trsvcid"].as_str().unwrap_or("4420").to_string() });
+                    usable.push(EngineReplica {
+                        name: r.name.clone(),
+                        traddr: rn.address.clone(),
+                        trsvcid: resp["status"]["trsvcid"]
+                            .as_str()
+                            .unwrap_or("4420")
+                            .to_string(),
+                    });
                 }
                 Err(e) if e.class == ErrorClass::Permanent => self.mark_failed(&r.name, &e.message),
-                Err(e) => warn!(volume = %name, replica = %r.name, "replica not reachable for this attach: {}", e.message),
+                Err(e) => {
+                    warn!(volume = %name, replica = %r.name, "replica not reachable for this attach: {}", e.message)
+                }
             }
         }
         if usable.is_empty() {
-            return Err(OpError::transient(format!("volume {name}: no healthy replica is reachable")));
+            return Err(OpError::transient(format!(
+                "volume {name}: no healthy replica is reachable"
+            )));
         }
         // 2. Engine without frontend: controllers and raid.
-        let mut es = EngineSpec { volume: name.clone(), epoch: v.epoch, replicas: usable.clone(), frontend: None, knobs: self.cfg.knobs };
-        let st: EngineStatus = self.agent(&node, reqwest::Method::PUT, &format!("/v1/engines/{name}"), Some(&es)).await?;
+        let mut es = EngineSpec {
+            volume: name.clone(),
+            epoch: v.epoch,
+            replicas: usable.clone(),
+            frontend: None,
+            knobs: self.cfg.knobs,
+        };
+        let st: EngineStatus = self
+            .agent(
+                &node,
+                reqwest::Method::PUT,
+                &format!("/v1/engines/{name}"),
+                Some(&es),
+            )
+            .await?;
         self.emit_steps(&st.events);
         // 3. I5: every healthy replica that is not serving in this engine is out
         // of sync before the frontend lets anyone write.
-        let online: Vec<String> = st.members.iter().filter(|m| m.state == "online").map(|m| m.replica.clone()).collect();
+        let online: Vec<String> = st
+            .members
+            .iter()
+            .filter(|m| m.state == "online")
+            .map(|m| m.replica.clone())
+            .collect();
         for r in &healthy {
             if !online.contains(&r.name) {
                 let why = st
@@ -826,49 +1087,97 @@ impl Manager {
                     .find(|m| m.replica == r.name)
                     .and_then(|m| m.reason.clone())
                     .unwrap_or_else(|| "not reachable".into());
-                self.mark_out_of_sync(&r.name, &format!("left out of the engine at epoch {}: {why}", v.epoch));
+                self.mark_out_of_sync(
+                    &r.name,
+                    &format!("left out of the engine at epoch {}: {why}", v.epoch),
+                );
             }
         }
         // 4. Frontend.
         es.frontend = Some(spec.frontend);
         es.replicas.retain(|r| online.contains(&r.name));
-        let st: EngineStatus = self.agent(&node, reqwest::Method::PUT, &format!("/v1/engines/{name}"), Some(&es)).await?;
+        let st: EngineStatus = self
+            .agent(
+                &node,
+                reqwest::Method::PUT,
+                &format!("/v1/engines/{name}"),
+                Some(&es),
+            )
+            .await?;
         // Phase 2 adopts what phase 1 just made: only report what changed.
-        self.emit_steps(&st.events.iter().filter(|e| e.outcome != "adopted").cloned().collect::<Vec<_>>());
+        self.emit_steps(
+            &st.events
+                .iter()
+                .filter(|e| e.outcome != "adopted")
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         for r in &online {
             self.update_replica(r, |r| {
                 r.last_in_sync_epoch = v.epoch;
             })?;
         }
-        let robust = if online.len() as u32 >= v.replica_count { Robustness::Healthy } else { Robustness::Degraded };
+        let robust = if online.len() as u32 >= v.replica_count {
+            Robustness::Healthy
+        } else {
+            Robustness::Degraded
+        };
         self.update_volume(&name, |v| {
             v.endpoint = st.endpoint.clone();
             v.robustness = robust;
             v.clear_condition("Faulted");
         })?;
-        self.transition(&name, VolumeState::Attached, &format!("endpoint {}", st.endpoint.clone().unwrap_or_default()))?;
+        self.transition(
+            &name,
+            VolumeState::Attached,
+            &format!("endpoint {}", st.endpoint.clone().unwrap_or_default()),
+        )?;
         Ok(())
     }
 
     async fn check_attached(&self, v: Volume) -> Result<(), OpError> {
-        let Some(node) = v.engine_node.clone() else { return Ok(()) };
+        let Some(node) = v.engine_node.clone() else {
+            return Ok(());
+        };
         let Some(st) = self.cached_status(&node) else {
             self.update_volume(&v.name, |v| {
                 v.robustness = Robustness::Unknown;
-                v.set_condition("EngineNodeUnreachable", format!("node {node} does not answer"), None);
+                v.set_condition(
+                    "EngineNodeUnreachable",
+                    format!("node {node} does not answer"),
+                    None,
+                );
             })?;
             return Ok(());
         };
-        let engine = st.engines.iter().find(|e| e.volume == v.name && e.epoch == v.epoch);
-        let serving = engine.is_some_and(|e| e.frontend.is_some() && e.members.iter().any(|m| m.state == "online"));
+        let engine = st
+            .engines
+            .iter()
+            .find(|e| e.volume == v.name && e.epoch == v.epoch);
+        let serving = engine
+            .is_some_and(|e| e.frontend.is_some() && e.members.iter().any(|m| m.state == "online"));
         if !serving {
             // The dataplane lost the engine (it restarted, or someone removed it).
-            self.event("volume", &v.name, "EngineLost", format!("engine epoch {} is gone from node {node}; re-attaching", v.epoch));
+            self.event(
+                "volume",
+                &v.name,
+                "EngineLost",
+                format!(
+                    "engine epoch {} is gone from node {node}; re-attaching",
+                    v.epoch
+                ),
+            );
             self.transition(&v.name, VolumeState::Detached, "engine lost")?;
             return Ok(());
         }
-        let healthy_in = engine.map(|e| e.members.iter().filter(|m| m.state == "online").count()).unwrap_or(0);
-        let robust = if healthy_in as u32 >= v.replica_count { Robustness::Healthy } else { Robustness::Degraded };
+        let healthy_in = engine
+            .map(|e| e.members.iter().filter(|m| m.state == "online").count())
+            .unwrap_or(0);
+        let robust = if healthy_in as u32 >= v.replica_count {
+            Robustness::Healthy
+        } else {
+            Robustness::Degraded
+        };
         self.update_volume(&v.name, |v| {
             v.robustness = robust;
             v.clear_condition("EngineNodeUnreachable");
@@ -881,16 +1190,41 @@ impl Manager {
         self.transition(&name, VolumeState::Detaching, "detach requested")?;
         if let Some(n) = &v.engine_node {
             let node = self.node(n)?;
-            let r: serde_json::Value = self.agent(&node, reqwest::Method::DELETE, &format!("/v1/engines/{name}"), None::<&()>).await?;
+            let r: serde_json::Value = self
+                .agent(
+                    &node,
+                    reqwest::Method::DELETE,
+                    &format!("/v1/engines/{name}"),
+                    None::<&()>,
+                )
+                .await?;
             if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(r["events"].clone()) {
                 self.emit_steps(&ev);
             }
         }
         // Nobody may connect to the replicas until the next engine.
-        for r in self.replicas(Some(&name))?.iter().filter(|r| r.state == ReplicaState::Healthy || r.state == ReplicaState::OutOfSync) {
+        for r in self
+            .replicas(Some(&name))?
+            .iter()
+            .filter(|r| r.state == ReplicaState::Healthy || r.state == ReplicaState::OutOfSync)
+        {
             if let Ok(rn) = self.node(&r.node) {
-                let rs = ReplicaSpec { name: r.name.clone(), volume: name.clone(), disk: r.disk.clone(), size_bytes: v.size_bytes, allowed_host: None };
-                if let Err(e) = self.agent::<serde_json::Value>(&rn, reqwest::Method::PUT, &format!("/v1/replicas/{}", r.name), Some(&rs)).await {
+                let rs = ReplicaSpec {
+                    name: r.name.clone(),
+                    volume: name.clone(),
+                    disk: r.disk.clone(),
+                    size_bytes: v.size_bytes,
+                    allowed_host: None,
+                };
+                if let Err(e) = self
+                    .agent::<serde_json::Value>(
+                        &rn,
+                        reqwest::Method::PUT,
+                        &format!("/v1/replicas/{}", r.name),
+                        Some(&rs),
+                    )
+                    .await
+                {
                     warn!(replica = %r.name, "could not close the replica's allow-list: {}", e.message);
                 }
             }
@@ -907,19 +1241,31 @@ impl Manager {
         let name = v.name.clone();
         if let Some(n) = &v.engine_node {
             let node = self.node(n)?;
-            let _: serde_json::Value = self.agent(&node, reqwest::Method::DELETE, &format!("/v1/engines/{name}"), None::<&()>).await?;
+            let _: serde_json::Value = self
+                .agent(
+                    &node,
+                    reqwest::Method::DELETE,
+                    &format!("/v1/engines/{name}"),
+                    None::<&()>,
+                )
+                .await?;
         }
         for r in self.replicas(Some(&name))? {
-            match self.node(&r.node) {
-                Ok(node) => {
-                    let res: Result<serde_json::Value, OpError> =
-                        self.agent(&node, reqwest::Method::DELETE, &format!("/v1/replicas/{}?disk={}", r.name, r.disk), None::<&()>).await;
+            if let Ok(node) = self.node(&r.node) {
+                {
+                    let res: Result<serde_json::Value, OpError> = self
+                        .agent(
+                            &node,
+                            reqwest::Method::DELETE,
+                            &format!("/v1/replicas/{}?disk={}", r.name, r.disk),
+                            None::<&()>,
+                        )
+                        .await;
                     if let Err(e) = res {
                         // Its node is away: the agent collects the leftovers as orphans later.
                         warn!(replica = %r.name, "replica not deleted now ({}); left for orphan collection", e.message);
                     }
                 }
-                Err(_) => {}
             }
         }
         self.store.write(|t| {
@@ -932,7 +1278,11 @@ impl Manager {
                     t.put(&nkey(&r.node), &n)?;
                 }
             }
-            for s in self.store.list::<Snapshot>(&format!("snapshot/{name}/")).unwrap_or_default() {
+            for s in self
+                .store
+                .list::<Snapshot>(&format!("snapshot/{name}/"))
+                .unwrap_or_default()
+            {
                 t.delete(&skey(&name, &s.name))?;
             }
             t.delete(&vkey(&name))
@@ -944,24 +1294,48 @@ impl Manager {
     // -------------------------------------------------------- snapshots ----
 
     pub async fn create_snapshot(&self, volume: &str, snap: &str) -> Result<Snapshot, OpError> {
-        naming::valid_volume_name(snap).map_err(|e| OpError::bad(format!("snapshot name {snap}: {e}")))?;
+        naming::valid_volume_name(snap)
+            .map_err(|e| OpError::bad(format!("snapshot name {snap}: {e}")))?;
         let v = self.volume(volume)?;
         if self.store.get::<Snapshot>(&skey(volume, snap))?.is_some() {
-            return Err(OpError::conflict(format!("snapshot {snap} of {volume} already exists")));
+            return Err(OpError::conflict(format!(
+                "snapshot {snap} of {volume} already exists"
+            )));
         }
-        let rs: Vec<Replica> = self.replicas(Some(volume))?.into_iter().filter(|r| r.state == ReplicaState::Healthy).collect();
+        let rs: Vec<Replica> = self
+            .replicas(Some(volume))?
+            .into_iter()
+            .filter(|r| r.state == ReplicaState::Healthy)
+            .collect();
         if rs.is_empty() {
-            return Err(OpError::conflict(format!("volume {volume} has no healthy replica to snapshot")));
+            return Err(OpError::conflict(format!(
+                "volume {volume} has no healthy replica to snapshot"
+            )));
         }
         for r in &rs {
             let node = self.node(&r.node)?;
             let _: serde_json::Value = self
-                .agent(&node, reqwest::Method::POST, &format!("/v1/replicas/{}/snapshots", r.name), Some(&serde_json::json!({"disk": r.disk, "snapshot": snap})))
+                .agent(
+                    &node,
+                    reqwest::Method::POST,
+                    &format!("/v1/replicas/{}/snapshots", r.name),
+                    Some(&serde_json::json!({"disk": r.disk, "snapshot": snap})),
+                )
                 .await?;
         }
-        let s = Snapshot { volume: volume.into(), name: snap.into(), created: now_secs(), size_bytes: v.size_bytes };
+        let s = Snapshot {
+            volume: volume.into(),
+            name: snap.into(),
+            created: now_secs(),
+            size_bytes: v.size_bytes,
+        };
         self.store.put(&skey(volume, snap), &s)?;
-        self.event("snapshot", &format!("{volume}/{snap}"), "Created", format!("on {} replicas", rs.len()));
+        self.event(
+            "snapshot",
+            &format!("{volume}/{snap}"),
+            "Created",
+            format!("on {} replicas", rs.len()),
+        );
         Ok(s)
     }
 
@@ -977,7 +1351,12 @@ impl Manager {
         for r in self.replicas(Some(volume))? {
             let node = self.node(&r.node)?;
             let _: serde_json::Value = self
-                .agent(&node, reqwest::Method::DELETE, &format!("/v1/replicas/{}/snapshots/{snap}?disk={}", r.name, r.disk), None::<&()>)
+                .agent(
+                    &node,
+                    reqwest::Method::DELETE,
+                    &format!("/v1/replicas/{}/snapshots/{snap}?disk={}", r.name, r.disk),
+                    None::<&()>,
+                )
                 .await?;
         }
         self.store.write(|t| t.delete(&skey(volume, snap)))?;
@@ -988,19 +1367,36 @@ impl Manager {
     pub async fn revert_snapshot(&self, volume: &str, snap: &str) -> Result<(), OpError> {
         let v = self.volume(volume)?;
         if v.state != VolumeState::Detached {
-            return Err(OpError::conflict(format!("volume {volume} is {:?}; revert works on a detached volume", v.state))
-                .with_advice(format!("corral volume detach {volume}")));
+            return Err(OpError::conflict(format!(
+                "volume {volume} is {:?}; revert works on a detached volume",
+                v.state
+            ))
+            .with_advice(format!("corral volume detach {volume}")));
         }
         if self.store.get::<Snapshot>(&skey(volume, snap))?.is_none() {
             return Err(OpError::not_found("snapshot", &format!("{volume}/{snap}")));
         }
-        for r in self.replicas(Some(volume))?.iter().filter(|r| r.state == ReplicaState::Healthy) {
+        for r in self
+            .replicas(Some(volume))?
+            .iter()
+            .filter(|r| r.state == ReplicaState::Healthy)
+        {
             let node = self.node(&r.node)?;
             let _: serde_json::Value = self
-                .agent(&node, reqwest::Method::POST, &format!("/v1/replicas/{}/revert", r.name), Some(&serde_json::json!({"disk": r.disk, "snapshot": snap})))
+                .agent(
+                    &node,
+                    reqwest::Method::POST,
+                    &format!("/v1/replicas/{}/revert", r.name),
+                    Some(&serde_json::json!({"disk": r.disk, "snapshot": snap})),
+                )
                 .await?;
         }
-        self.event("snapshot", &format!("{volume}/{snap}"), "Reverted", format!("volume {volume} reverted"));
+        self.event(
+            "snapshot",
+            &format!("{volume}/{snap}"),
+            "Reverted",
+            format!("volume {volume} reverted"),
+        );
         Ok(())
     }
 
@@ -1026,7 +1422,9 @@ impl Manager {
         for (n, (st, _)) in g.iter() {
             let orphans = st.orphans.clone().unwrap_or_default();
             for c in &st.controllers {
-                let o = orphans.iter().any(|o| o.kind == "controller" && o.name == c.name);
+                let o = orphans
+                    .iter()
+                    .any(|o| o.kind == "controller" && o.name == c.name);
                 out.push((n.clone(), c.clone(), o));
             }
         }
@@ -1039,7 +1437,12 @@ impl Manager {
         let mut n = 0;
         for node in self.nodes()? {
             let r: serde_json::Value = self
-                .agent(&node, reqwest::Method::POST, &format!("/v1/orphans/collect?force={force}"), None::<&()>)
+                .agent(
+                    &node,
+                    reqwest::Method::POST,
+                    &format!("/v1/orphans/collect?force={force}"),
+                    None::<&()>,
+                )
                 .await?;
             if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(r["events"].clone()) {
                 n += ev.len();
@@ -1056,19 +1459,30 @@ impl Manager {
         let _ = writeln!(s, "# HELP corral_volume_attach_attempts_total Attach attempts per volume since the manager started.");
         let _ = writeln!(s, "# TYPE corral_volume_attach_attempts_total counter");
         for (v, n) in self.attach_attempts.lock().iter() {
-            let _ = writeln!(s, "corral_volume_attach_attempts_total{{volume=\"{v}\"}} {n}");
+            let _ = writeln!(
+                s,
+                "corral_volume_attach_attempts_total{{volume=\"{v}\"}} {n}"
+            );
         }
         let vols = self.volumes().unwrap_or_default();
-        let _ = writeln!(s, "# HELP corral_volume_state_transitions_total State transitions per volume.");
+        let _ = writeln!(
+            s,
+            "# HELP corral_volume_state_transitions_total State transitions per volume."
+        );
         let _ = writeln!(s, "# TYPE corral_volume_state_transitions_total counter");
         for v in &vols {
-            let _ = writeln!(s, "corral_volume_state_transitions_total{{volume=\"{}\"}} {}", v.name, v.state_transitions);
+            let _ = writeln!(
+                s,
+                "corral_volume_state_transitions_total{{volume=\"{}\"}} {}",
+                v.name, v.state_transitions
+            );
         }
         let _ = writeln!(s, "# HELP corral_volumes Volumes by state.");
         let _ = writeln!(s, "# TYPE corral_volumes gauge");
         let mut by: HashMap<String, u64> = HashMap::new();
         for v in &vols {
-            *by.entry(format!("{:?}", v.state).to_lowercase()).or_default() += 1;
+            *by.entry(format!("{:?}", v.state).to_lowercase())
+                .or_default() += 1;
         }
         for (k, n) in by {
             let _ = writeln!(s, "corral_volumes{{state=\"{k}\"}} {n}");
@@ -1077,12 +1491,16 @@ impl Manager {
         let _ = writeln!(s, "# TYPE corral_replicas gauge");
         let mut by: HashMap<String, u64> = HashMap::new();
         for r in self.replicas(None).unwrap_or_default() {
-            *by.entry(format!("{:?}", r.state).to_lowercase()).or_default() += 1;
+            *by.entry(format!("{:?}", r.state).to_lowercase())
+                .or_default() += 1;
         }
         for (k, n) in by {
             let _ = writeln!(s, "corral_replicas{{state=\"{k}\"}} {n}");
         }
-        let _ = writeln!(s, "# HELP corral_orphan_resources Resources no live object owns, by kind.");
+        let _ = writeln!(
+            s,
+            "# HELP corral_orphan_resources Resources no live object owns, by kind."
+        );
         let _ = writeln!(s, "# TYPE corral_orphan_resources gauge");
         let mut by: HashMap<String, u64> = HashMap::new();
         for k in ["controller", "raid", "nbd_export", "subsystem", "lvol"] {
@@ -1099,7 +1517,11 @@ impl Manager {
         let nodes = self.nodes().unwrap_or_default();
         let _ = writeln!(s, "# HELP corral_nodes_ready Nodes whose agent answers.");
         let _ = writeln!(s, "# TYPE corral_nodes_ready gauge");
-        let _ = writeln!(s, "corral_nodes_ready {}", nodes.iter().filter(|n| n.ready).count());
+        let _ = writeln!(
+            s,
+            "corral_nodes_ready {}",
+            nodes.iter().filter(|n| n.ready).count()
+        );
         s
     }
 }

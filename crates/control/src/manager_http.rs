@@ -18,7 +18,11 @@ use crate::model::{AttachSpec, Frontend};
 
 fn err(e: OpError) -> Response {
     let code = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, Json(json!({"error": e.message, "advice": e.advice, "class": e.class}))).into_response()
+    (
+        code,
+        Json(json!({"error": e.message, "advice": e.advice, "class": e.class})),
+    )
+        .into_response()
 }
 
 fn ok<T: serde::Serialize>(r: Result<T, OpError>) -> Response {
@@ -38,8 +42,14 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/volumes/{name}/detach", post(detach))
         .route("/v1/volumes/{name}/expand", post(expand))
         .route("/v1/volumes/{name}/salvage", post(salvage))
-        .route("/v1/volumes/{name}/snapshots", get(snapshots).post(create_snapshot))
-        .route("/v1/volumes/{name}/snapshots/{snap}", axum::routing::delete(delete_snapshot))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snap}",
+            axum::routing::delete(delete_snapshot),
+        )
         .route("/v1/volumes/{name}/snapshots/{snap}/revert", post(revert))
         .route("/v1/replicas", get(replicas))
         .route("/v1/controllers", get(controllers))
@@ -68,7 +78,11 @@ async fn register(State(m): State<Arc<Manager>>, Json(r): Json<Register>) -> Res
 async fn disks(State(m): State<Arc<Manager>>) -> Response {
     ok(m.nodes().map(|ns| {
         ns.into_iter()
-            .flat_map(|n| n.disks.into_iter().map(move |d| json!({"node": n.name, "disk": d})))
+            .flat_map(|n| {
+                n.disks
+                    .into_iter()
+                    .map(move |d| json!({"node": n.name, "disk": d}))
+            })
             .collect::<Vec<_>>()
     }))
 }
@@ -112,7 +126,11 @@ struct Attach {
     frontend: Frontend,
 }
 
-async fn attach(State(m): State<Arc<Manager>>, Path(name): Path<String>, Json(a): Json<Attach>) -> Response {
+async fn attach(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+    Json(a): Json<Attach>,
+) -> Response {
     let node = match a.node {
         Some(n) => n,
         None => match m.nodes() {
@@ -127,7 +145,13 @@ async fn attach(State(m): State<Arc<Manager>>, Path(name): Path<String>, Json(a)
     if let Err(e) = m.node(&node) {
         return err(e);
     }
-    ok(m.set_attach(&name, Some(AttachSpec { node, frontend: a.frontend })))
+    ok(m.set_attach(
+        &name,
+        Some(AttachSpec {
+            node,
+            frontend: a.frontend,
+        }),
+    ))
 }
 
 async fn detach(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Response {
@@ -139,7 +163,11 @@ struct Expand {
     size_bytes: u64,
 }
 
-async fn expand(State(m): State<Arc<Manager>>, Path(name): Path<String>, Json(e): Json<Expand>) -> Response {
+async fn expand(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+    Json(e): Json<Expand>,
+) -> Response {
     ok(m.expand_volume(&name, e.size_bytes))
 }
 
@@ -156,15 +184,25 @@ struct CreateSnap {
     name: String,
 }
 
-async fn create_snapshot(State(m): State<Arc<Manager>>, Path(name): Path<String>, Json(s): Json<CreateSnap>) -> Response {
+async fn create_snapshot(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+    Json(s): Json<CreateSnap>,
+) -> Response {
     ok(m.create_snapshot(&name, &s.name).await)
 }
 
-async fn delete_snapshot(State(m): State<Arc<Manager>>, Path((name, snap)): Path<(String, String)>) -> Response {
+async fn delete_snapshot(
+    State(m): State<Arc<Manager>>,
+    Path((name, snap)): Path<(String, String)>,
+) -> Response {
     ok(m.delete_snapshot(&name, &snap).await.map(|_| json!({})))
 }
 
-async fn revert(State(m): State<Arc<Manager>>, Path((name, snap)): Path<(String, String)>) -> Response {
+async fn revert(
+    State(m): State<Arc<Manager>>,
+    Path((name, snap)): Path<(String, String)>,
+) -> Response {
     ok(m.revert_snapshot(&name, &snap).await.map(|_| json!({})))
 }
 
@@ -201,7 +239,13 @@ async fn controllers(State(m): State<Arc<Manager>>, Query(q): Query<CtrlQ>) -> R
 }
 
 async fn orphans(State(m): State<Arc<Manager>>) -> Response {
-    Json(m.orphans().into_iter().map(|(n, o)| json!({"node": n, "orphan": o})).collect::<Vec<_>>()).into_response()
+    Json(
+        m.orphans()
+            .into_iter()
+            .map(|(n, o)| json!({"node": n, "orphan": o}))
+            .collect::<Vec<_>>(),
+    )
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -211,7 +255,9 @@ struct CollectQ {
 }
 
 async fn collect(State(m): State<Arc<Manager>>, Query(q): Query<CollectQ>) -> Response {
-    ok(m.collect_orphans(q.force).await.map(|n| json!({"collected": n})))
+    ok(m.collect_orphans(q.force)
+        .await
+        .map(|n| json!({"collected": n})))
 }
 
 #[derive(Deserialize)]
@@ -249,7 +295,9 @@ async fn events(State(m): State<Arc<Manager>>, Query(q): Query<EventsQ>) -> Resp
                     last = e.seq;
                     line(&e)
                 }
-                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                    continue
+                }
                 Ok(Err(_)) => return,
                 Err(_) => "\n".to_string(),
             };
@@ -272,7 +320,11 @@ fn line(e: &crate::model::Event) -> String {
 }
 
 async fn metrics(State(m): State<Arc<Manager>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.metrics()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.metrics(),
+    )
+        .into_response()
 }
 
 /// Serves the manager's API and runs its reconcile loop.
@@ -284,7 +336,9 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(addr = %listen, "manager API listening");
     let looper = tokio::spawn(m.clone().run());
-    let r = axum::serve(listener, router(m)).with_graceful_shutdown(shutdown).await;
+    let r = axum::serve(listener, router(m))
+        .with_graceful_shutdown(shutdown)
+        .await;
     looper.abort();
     r
 }

@@ -5,7 +5,10 @@ use serde::{Deserialize, Serialize};
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A node: one dataplane + agent.
@@ -119,7 +122,12 @@ impl Volume {
             }
             c.advice = advice;
         } else {
-            self.conditions.push(Condition { kind: kind.into(), reason, advice, since: now_secs() });
+            self.conditions.push(Condition {
+                kind: kind.into(),
+                reason,
+                advice,
+                since: now_secs(),
+            });
         }
     }
     pub fn clear_condition(&mut self, kind: &str) {

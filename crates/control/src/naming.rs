@@ -24,7 +24,9 @@ pub fn replica_nqn(replica: &str) -> String {
 
 /// The replica named by a replica subsystem NQN.
 pub fn parse_replica_nqn(nqn: &str) -> Option<&str> {
-    nqn.strip_prefix(NQN_PREFIX)?.strip_prefix(":replica:").filter(|r| !r.is_empty())
+    nqn.strip_prefix(NQN_PREFIX)?
+        .strip_prefix(":replica:")
+        .filter(|r| !r.is_empty())
 }
 
 /// Host NQN of volume `volume`'s engine of epoch `epoch`.
@@ -45,7 +47,9 @@ pub fn volume_nqn(volume: &str) -> String {
 }
 
 pub fn parse_volume_nqn(nqn: &str) -> Option<&str> {
-    nqn.strip_prefix(NQN_PREFIX)?.strip_prefix(":volume:").filter(|v| !v.is_empty())
+    nqn.strip_prefix(NQN_PREFIX)?
+        .strip_prefix(":volume:")
+        .filter(|v| !v.is_empty())
 }
 
 /// Name of the engine's NVMe controller to a replica (its namespace bdev is `<name>n1`).
@@ -96,9 +100,14 @@ pub fn valid_volume_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err("must be 1 to 63 characters".into());
     }
-    let ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if !ok || !name.as_bytes()[0].is_ascii_alphanumeric() {
-        return Err("may hold letters, digits, '-', '_' and '.', and must start with a letter or digit".into());
+        return Err(
+            "may hold letters, digits, '-', '_' and '.', and must start with a letter or digit"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -112,8 +121,14 @@ mod tests {
         let r = new_replica_id("vol-1");
         assert_eq!(replica_volume(&r), Some("vol-1"));
         assert_eq!(parse_replica_nqn(&replica_nqn(&r)), Some(r.as_str()));
-        assert_eq!(parse_engine_hostnqn(&engine_hostnqn("vol-1", 7)), Some(("vol-1", 7)));
-        assert_eq!(parse_engine_hostnqn("nqn.2014-08.org.nvmexpress:uuid:x"), None);
+        assert_eq!(
+            parse_engine_hostnqn(&engine_hostnqn("vol-1", 7)),
+            Some(("vol-1", 7))
+        );
+        assert_eq!(
+            parse_engine_hostnqn("nqn.2014-08.org.nvmexpress:uuid:x"),
+            None
+        );
         assert_eq!(parse_volume_nqn(&volume_nqn("v")), Some("v"));
         assert_eq!(replica_volume("not-a-replica"), None);
         assert_eq!(engine_ns_bdev("v-r0123abcd"), "v-r0123abcdn1");

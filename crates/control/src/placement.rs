@@ -18,7 +18,12 @@ pub const OVERPROVISIONING_PCT: u64 = 200;
 
 /// Chooses (node, disk) for `count` replicas of `size` bytes, avoiding
 /// `taken` (nodes already holding a replica of this volume) where possible.
-pub fn place(nodes: &[Node], taken: &[String], count: usize, size: u64) -> Result<Vec<(String, String)>, PlacementError> {
+pub fn place(
+    nodes: &[Node],
+    taken: &[String],
+    count: usize,
+    size: u64,
+) -> Result<Vec<(String, String)>, PlacementError> {
     let mut cand: Vec<(String, String, u64)> = Vec::new(); // (node, disk, room)
     for n in nodes.iter().filter(|n| n.ready) {
         for d in n.disks.iter().filter(|d| d.ready) {
@@ -33,7 +38,9 @@ pub fn place(nodes: &[Node], taken: &[String], count: usize, size: u64) -> Resul
     let mut out: Vec<(String, String)> = Vec::new();
     let mut used_nodes: Vec<String> = taken.to_vec();
     for _ in 0..count {
-        let fits = |c: &&(String, String, u64)| c.2 >= size && !out.iter().any(|(n, d)| n == &c.0 && d == &c.1);
+        let fits = |c: &&(String, String, u64)| {
+            c.2 >= size && !out.iter().any(|(n, d)| n == &c.0 && d == &c.1)
+        };
         // Prefer a node without a replica of this volume; then the most room.
         let best = cand
             .iter()
@@ -71,7 +78,15 @@ mod tests {
             address: String::new(),
             disks: disks
                 .iter()
-                .map(|(d, t)| Disk { name: d.to_string(), path: String::new(), total_bytes: *t, free_bytes: *t, scheduled_bytes: 0, ready: true, reason: None })
+                .map(|(d, t)| Disk {
+                    name: d.to_string(),
+                    path: String::new(),
+                    total_bytes: *t,
+                    free_bytes: *t,
+                    scheduled_bytes: 0,
+                    ready: true,
+                    reason: None,
+                })
                 .collect(),
             ready: true,
             last_seen: 0,
@@ -81,13 +96,23 @@ mod tests {
 
     #[test]
     fn one_per_node_then_most_room() {
-        let nodes = vec![node("a", &[("a0", 100), ("a1", 500)]), node("b", &[("b0", 100)]), node("c", &[("c0", 100)])];
+        let nodes = vec![
+            node("a", &[("a0", 100), ("a1", 500)]),
+            node("b", &[("b0", 100)]),
+            node("c", &[("c0", 100)]),
+        ];
         let p = place(&nodes, &[], 3, 10).unwrap();
         let ns: Vec<&str> = p.iter().map(|(n, _)| n.as_str()).collect();
         assert!(ns.contains(&"a") && ns.contains(&"b") && ns.contains(&"c"));
-        assert!(p.contains(&("a".into(), "a1".into())), "the roomier disk of node a");
+        assert!(
+            p.contains(&("a".into(), "a1".into())),
+            "the roomier disk of node a"
+        );
         // Two nodes, three replicas: the third shares a node (other disk first).
-        let nodes = vec![node("a", &[("a0", 100), ("a1", 100)]), node("b", &[("b0", 100)])];
+        let nodes = vec![
+            node("a", &[("a0", 100), ("a1", 100)]),
+            node("b", &[("b0", 100)]),
+        ];
         let p = place(&nodes, &[], 3, 10).unwrap();
         assert_eq!(p.len(), 3);
         assert_eq!(p.iter().filter(|(n, _)| n == "a").count(), 2);
@@ -99,8 +124,14 @@ mod tests {
     #[test]
     fn space_is_respected() {
         let nodes = vec![node("a", &[("a0", 100)])];
-        assert!(place(&nodes, &[], 1, 200).is_ok(), "thin: 200% overprovisioning");
-        assert!(matches!(place(&nodes, &[], 1, 201), Err(PlacementError::NoSpace(_))));
+        assert!(
+            place(&nodes, &[], 1, 200).is_ok(),
+            "thin: 200% overprovisioning"
+        );
+        assert!(matches!(
+            place(&nodes, &[], 1, 201),
+            Err(PlacementError::NoSpace(_))
+        ));
         assert_eq!(place(&[], &[], 1, 1), Err(PlacementError::NoNodes));
     }
 }

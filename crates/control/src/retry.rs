@@ -57,7 +57,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff { base, cap, attempt: 0 }
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
     }
     /// The ceiling of the next delay (without jitter), for tests and logs.
     pub fn ceiling(&self) -> Duration {

@@ -15,11 +15,17 @@ const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {source}")]
-    Open { path: String, source: Box<redb::Error> },
+    Open {
+        path: String,
+        source: Box<redb::Error>,
+    },
     #[error("store: {0}")]
     Db(Box<redb::Error>),
     #[error("store key {key}: {source}")]
-    Decode { key: String, source: serde_json::Error },
+    Decode {
+        key: String,
+        source: serde_json::Error,
+    },
 }
 
 macro_rules! db {
@@ -53,11 +59,17 @@ impl Txn {
             None => Ok(None),
             Some(b) => serde_json::from_slice(b.value())
                 .map(Some)
-                .map_err(|source| StoreError::Decode { key: key.into(), source }),
+                .map_err(|source| StoreError::Decode {
+                    key: key.into(),
+                    source,
+                }),
         }
     }
     pub fn put<T: Serialize>(&mut self, key: &str, v: &T) -> Result<(), StoreError> {
-        let b = serde_json::to_vec(v).map_err(|source| StoreError::Decode { key: key.into(), source })?;
+        let b = serde_json::to_vec(v).map_err(|source| StoreError::Decode {
+            key: key.into(),
+            source,
+        })?;
         let mut tab = db!(self.t.open_table(OBJECTS))?;
         db!(tab.insert(key, b.as_slice()))?;
         Ok(())
@@ -82,7 +94,10 @@ impl Store {
     }
 
     /// Runs `f` in one write transaction; commits (durably) if it returns Ok.
-    pub fn write<R>(&self, f: impl FnOnce(&mut Txn) -> Result<R, StoreError>) -> Result<R, StoreError> {
+    pub fn write<R>(
+        &self,
+        f: impl FnOnce(&mut Txn) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let t = db!(self.db.begin_write())?;
         {
             let _ = db!(t.open_table(OBJECTS))?;
@@ -100,7 +115,10 @@ impl Store {
             None => Ok(None),
             Some(b) => serde_json::from_slice(b.value())
                 .map(Some)
-                .map_err(|source| StoreError::Decode { key: key.into(), source }),
+                .map_err(|source| StoreError::Decode {
+                    key: key.into(),
+                    source,
+                }),
         }
     }
 
@@ -115,7 +133,10 @@ impl Store {
                 break;
             }
             let key = k.value().to_string();
-            out.push(serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode { key, source })?);
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|source| StoreError::Decode { key, source })?,
+            );
         }
         Ok(out)
     }
@@ -141,10 +162,16 @@ mod tests {
             assert_eq!(s.list::<u32>("volume/").unwrap(), vec![1, 2]);
             let r: Result<(), StoreError> = s.write(|t| {
                 t.put("volume/c", &9u32)?;
-                Err(StoreError::Db(Box::new(redb::Error::Corrupted("abort".into()))))
+                Err(StoreError::Db(Box::new(redb::Error::Corrupted(
+                    "abort".into(),
+                ))))
             });
             assert!(r.is_err());
-            assert_eq!(s.get::<u32>("volume/c").unwrap(), None, "aborted transactions leave nothing");
+            assert_eq!(
+                s.get::<u32>("volume/c").unwrap(),
+                None,
+                "aborted transactions leave nothing"
+            );
         }
         let s = Store::open(&p).unwrap();
         assert_eq!(s.get::<u32>("volume/b").unwrap(), Some(2));

@@ -2,6 +2,8 @@
 //! clients (fio, qemu-io). Each ends by verifying the volume's data and
 //! checking that no orphan remains.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -11,7 +13,15 @@ use control::model::*;
 use serde_json::json;
 
 fn attach(c: &Cluster, v: &str, node: &str) {
-    c.manager.set_attach(v, Some(AttachSpec { node: node.into(), frontend: Frontend::Nbd })).unwrap();
+    c.manager
+        .set_attach(
+            v,
+            Some(AttachSpec {
+                node: node.into(),
+                frontend: Frontend::Nbd,
+            }),
+        )
+        .unwrap();
 }
 
 async fn no_orphans(c: &Cluster) {
@@ -28,16 +38,34 @@ async fn foreign_controller_under_a_replica_name_is_replaced() {
     let c = Cluster::start(2, 6).await;
     let m = &c.manager;
     m.create_volume("v6", 32 << 20, 2).unwrap();
-    c.wait_state("v6", VolumeState::Detached, Duration::from_secs(30)).await;
+    c.wait_state("v6", VolumeState::Detached, Duration::from_secs(30))
+        .await;
     // A decoy target on the engine node's dataplane, and a controller to it
     // named like a replica of v6 (with the host NQN the next epoch will use).
     let r0 = m.replicas(Some("v6")).unwrap()[0].name.clone();
     let a = &c.nodes[0].agent;
-    a.call("bdev_malloc_create", json!({"name": "decoy", "num_blocks": 65536, "block_size": 512})).await.unwrap();
-    a.call("nvmf_create_transport", json!({"trtype": "TCP"})).await.ok();
+    a.call(
+        "bdev_malloc_create",
+        json!({"name": "decoy", "num_blocks": 65536, "block_size": 512}),
+    )
+    .await
+    .unwrap();
+    a.call("nvmf_create_transport", json!({"trtype": "TCP"}))
+        .await
+        .ok();
     let decoy_nqn = "nqn.2025-01.io.corral:decoy";
-    a.call("nvmf_create_subsystem", json!({"nqn": decoy_nqn, "allow_any_host": true})).await.unwrap();
-    a.call("nvmf_subsystem_add_ns", json!({"nqn": decoy_nqn, "namespace": {"bdev_name": "decoy"}})).await.unwrap();
+    a.call(
+        "nvmf_create_subsystem",
+        json!({"nqn": decoy_nqn, "allow_any_host": true}),
+    )
+    .await
+    .unwrap();
+    a.call(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": decoy_nqn, "namespace": {"bdev_name": "decoy"}}),
+    )
+    .await
+    .unwrap();
     let l = a
         .call("nvmf_subsystem_add_listener", json!({"nqn": decoy_nqn, "listen_address": {"trtype": "TCP", "traddr": "127.0.0.1", "trsvcid": "0"}}))
         .await
@@ -50,24 +78,52 @@ async fn foreign_controller_under_a_replica_name_is_replaced() {
     .await
     .unwrap();
     attach(&c, "v6", "node1");
-    let v = c.wait_state("v6", VolumeState::Attached, Duration::from_secs(60)).await;
+    let v = c
+        .wait_state("v6", VolumeState::Attached, Duration::from_secs(60))
+        .await;
     let ev = c.events();
-    let replaced = ev.iter().find(|e| e.reason == "Replaced" && e.object == r0).unwrap_or_else(|| panic!("no Replaced event for {r0}: {ev:#?}"));
-    assert!(replaced.message.contains("transport ID"), "{}", replaced.message);
-    assert!(!ev.iter().any(|e| e.reason == "Adopted" && e.object == r0 && e.seq < replaced.seq), "the decoy must never be adopted");
+    let replaced = ev
+        .iter()
+        .find(|e| e.reason == "Replaced" && e.object == r0)
+        .unwrap_or_else(|| panic!("no Replaced event for {r0}: {ev:#?}"));
+    assert!(
+        replaced.message.contains("transport ID"),
+        "{}",
+        replaced.message
+    );
+    assert!(
+        !ev.iter()
+            .any(|e| e.reason == "Adopted" && e.object == r0 && e.seq < replaced.seq),
+        "the decoy must never be adopted"
+    );
     assert_eq!(v.attach_attempts, 1, "converged on the first attempt");
     // The controller now points at the replica, and data goes to the replicas.
-    let ctrls = a.call("bdev_nvme_get_controllers", json!({"name": r0})).await.unwrap();
-    assert_eq!(ctrls[0]["ctrlrs"][0]["trid"]["subnqn"], control::naming::replica_nqn(&r0));
+    let ctrls = a
+        .call("bdev_nvme_get_controllers", json!({"name": r0}))
+        .await
+        .unwrap();
+    assert_eq!(
+        ctrls[0]["ctrlrs"][0]["trid"]["subnqn"],
+        control::naming::replica_nqn(&r0)
+    );
     let uri = v.endpoint.unwrap();
-    qemu_io(&uri, &["write -P 0x66 0 2M".into(), "read -P 0x66 0 2M".into()]).unwrap();
+    qemu_io(
+        &uri,
+        &["write -P 0x66 0 2M".into(), "read -P 0x66 0 2M".into()],
+    )
+    .unwrap();
     m.set_attach("v6", None).unwrap();
-    c.wait_state("v6", VolumeState::Detached, Duration::from_secs(60)).await;
+    c.wait_state("v6", VolumeState::Detached, Duration::from_secs(60))
+        .await;
     attach(&c, "v6", "node2");
-    let v = c.wait_state("v6", VolumeState::Attached, Duration::from_secs(60)).await;
+    let v = c
+        .wait_state("v6", VolumeState::Attached, Duration::from_secs(60))
+        .await;
     qemu_io(&v.endpoint.unwrap(), &["read -P 0x66 0 2M".into()]).unwrap();
     // Clean up the decoy (not ours: never touched by the agent) and check no orphan.
-    a.call("nvmf_delete_subsystem", json!({"nqn": decoy_nqn})).await.unwrap();
+    a.call("nvmf_delete_subsystem", json!({"nqn": decoy_nqn}))
+        .await
+        .unwrap();
     no_orphans(&c).await;
 }
 
@@ -79,40 +135,75 @@ async fn stopped_replica_node_bounded_stall_then_out_of_sync() {
     let c = Cluster::start(3, 5).await;
     let m = &c.manager;
     m.create_volume("v5", 64 << 20, 3).unwrap();
-    c.wait_state("v5", VolumeState::Detached, Duration::from_secs(30)).await;
+    c.wait_state("v5", VolumeState::Detached, Duration::from_secs(30))
+        .await;
     attach(&c, "v5", "node1");
-    let v = c.wait_state("v5", VolumeState::Attached, Duration::from_secs(60)).await;
+    let v = c
+        .wait_state("v5", VolumeState::Attached, Duration::from_secs(60))
+        .await;
     let uri = v.endpoint.clone().unwrap();
     qemu_io(&uri, &["write -P 0x55 48M 4M".into()]).unwrap();
-    let victim = m.replicas(Some("v5")).unwrap().into_iter().find(|r| r.node == "node3").unwrap();
+    let victim = m
+        .replicas(Some("v5"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == "node3")
+        .unwrap();
     let out = c.dir.path().join("fio5.json");
     let fio = Fio::write_verify(&uri, 0, 16 << 20, "2m", &out);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t_stop = Instant::now();
     c.nodes[2].dp.signal(libc::SIGSTOP);
-    let j = tokio::task::spawn_blocking(move || fio.wait(Duration::from_secs(120))).await.unwrap().unwrap();
+    let j = tokio::task::spawn_blocking(move || fio.wait(Duration::from_secs(120)))
+        .await
+        .unwrap()
+        .unwrap();
     let stall = fio_max_write_lat_s(&j);
     // The engine notices a silent replica within its I/O timeout (= fast_io_fail),
     // then fails its I/O over after fast_io_fail: the stall is bounded by both.
     let fast_io_fail = m.cfg.knobs.fast_io_fail_timeout_sec as f64;
-    assert!(stall <= 2.0 * fast_io_fail + 3.0, "a write waited {stall:.1} s (fast_io_fail {fast_io_fail} s)");
+    assert!(
+        stall <= 2.0 * fast_io_fail + 3.0,
+        "a write waited {stall:.1} s (fast_io_fail {fast_io_fail} s)"
+    );
     c.wait("victim out of sync", Duration::from_secs(30), |m| {
-        m.replicas(Some("v5")).unwrap().iter().any(|r| r.name == victim.name && r.state == ReplicaState::OutOfSync)
+        m.replicas(Some("v5"))
+            .unwrap()
+            .iter()
+            .any(|r| r.name == victim.name && r.state == ReplicaState::OutOfSync)
     })
     .await;
     let v = m.volume("v5").unwrap();
     assert_eq!(v.robustness, Robustness::Degraded);
-    eprintln!("stall {stall:.2} s; stopped {:.1} s ago", t_stop.elapsed().as_secs_f64());
+    eprintln!(
+        "stall {stall:.2} s; stopped {:.1} s ago",
+        t_stop.elapsed().as_secs_f64()
+    );
     c.nodes[2].dp.signal(libc::SIGCONT);
     // A new engine leaves the out-of-sync replica out.
     m.set_attach("v5", None).unwrap();
-    c.wait_state("v5", VolumeState::Detached, Duration::from_secs(60)).await;
+    c.wait_state("v5", VolumeState::Detached, Duration::from_secs(60))
+        .await;
     attach(&c, "v5", "node2");
-    let v = c.wait_state("v5", VolumeState::Attached, Duration::from_secs(60)).await;
+    let v = c
+        .wait_state("v5", VolumeState::Attached, Duration::from_secs(60))
+        .await;
     let st = c.nodes[1].agent.status().await.unwrap();
     let e = st.engines.iter().find(|e| e.volume == "v5").unwrap();
-    assert!(!e.members.iter().any(|x| x.replica == victim.name), "out-of-sync replica used as RW: {:?}", e.members);
-    assert_eq!(m.replicas(Some("v5")).unwrap().iter().find(|r| r.name == victim.name).unwrap().state, ReplicaState::OutOfSync);
+    assert!(
+        !e.members.iter().any(|x| x.replica == victim.name),
+        "out-of-sync replica used as RW: {:?}",
+        e.members
+    );
+    assert_eq!(
+        m.replicas(Some("v5"))
+            .unwrap()
+            .iter()
+            .find(|r| r.name == victim.name)
+            .unwrap()
+            .state,
+        ReplicaState::OutOfSync
+    );
     qemu_io(&v.endpoint.unwrap(), &["read -P 0x55 48M 4M".into()]).unwrap();
     no_orphans(&c).await;
 }
@@ -124,23 +215,47 @@ async fn removed_disk_is_permanent_and_nothing_flaps() {
     let c = Cluster::start(3, 7).await;
     let m = &c.manager;
     m.create_volume("v7", 32 << 20, 3).unwrap();
-    c.wait_state("v7", VolumeState::Detached, Duration::from_secs(30)).await;
-    let victim = m.replicas(Some("v7")).unwrap().into_iter().find(|r| r.node == "node3").unwrap();
+    c.wait_state("v7", VolumeState::Detached, Duration::from_secs(30))
+        .await;
+    let victim = m
+        .replicas(Some("v7"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == "node3")
+        .unwrap();
     std::fs::remove_dir_all(&c.nodes[2].disk).unwrap();
     attach(&c, "v7", "node1");
-    let v = c.wait_state("v7", VolumeState::Attached, Duration::from_secs(60)).await;
+    let v = c
+        .wait_state("v7", VolumeState::Attached, Duration::from_secs(60))
+        .await;
     assert_eq!(v.robustness, Robustness::Degraded);
-    let r = m.replicas(Some("v7")).unwrap().into_iter().find(|r| r.name == victim.name).unwrap();
+    let r = m
+        .replicas(Some("v7"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == victim.name)
+        .unwrap();
     assert_eq!(r.state, ReplicaState::Failed);
     let reason = r.reason.unwrap_or_default();
-    assert!(reason.contains("data is gone") && reason.contains("disk0"), "unreadable reason: {reason}");
+    assert!(
+        reason.contains("data is gone") && reason.contains("disk0"),
+        "unreadable reason: {reason}"
+    );
     let (t0, a0) = (v.state_transitions, v.attach_attempts);
     qemu_io(&v.endpoint.clone().unwrap(), &["write -P 0x77 0 1M".into()]).unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     let v = m.volume("v7").unwrap();
     assert_eq!(v.state, VolumeState::Attached);
-    assert!(v.state_transitions - t0 <= 1, "{} transitions in 60 s", v.state_transitions - t0);
-    assert!(v.attach_attempts - a0 <= 1, "{} attach attempts in 60 s", v.attach_attempts - a0);
+    assert!(
+        v.state_transitions - t0 <= 1,
+        "{} transitions in 60 s",
+        v.state_transitions - t0
+    );
+    assert!(
+        v.attach_attempts - a0 <= 1,
+        "{} attach attempts in 60 s",
+        v.attach_attempts - a0
+    );
     qemu_io(&v.endpoint.unwrap(), &["read -P 0x77 0 1M".into()]).unwrap();
 }
 
@@ -153,9 +268,12 @@ async fn engine_dataplane_kill9_reattaches() {
     let mut c = c;
     let m = c.manager.clone();
     m.create_volume("v4", 64 << 20, 3).unwrap();
-    c.wait_state("v4", VolumeState::Detached, Duration::from_secs(30)).await;
+    c.wait_state("v4", VolumeState::Detached, Duration::from_secs(30))
+        .await;
     attach(&c, "v4", "node1");
-    let v = c.wait_state("v4", VolumeState::Attached, Duration::from_secs(60)).await;
+    let v = c
+        .wait_state("v4", VolumeState::Attached, Duration::from_secs(60))
+        .await;
     let uri = v.endpoint.clone().unwrap();
     qemu_io(&uri, &["write -P 0x44 32M 8M".into(), "flush".into()]).unwrap();
     let out = c.dir.path().join("fio4.json");
@@ -166,10 +284,26 @@ async fn engine_dataplane_kill9_reattaches() {
     let old_host = control::naming::engine_hostnqn("v4", v.epoch);
     let mut ports = Vec::new();
     for n in &c.nodes[1..] {
-        for r in m.replicas(Some("v4")).unwrap().iter().filter(|r| r.node == n.name) {
-            let q = n.agent.call("nvmf_subsystem_get_qpairs", json!({"nqn": control::naming::replica_nqn(&r.name)})).await.unwrap();
+        for r in m
+            .replicas(Some("v4"))
+            .unwrap()
+            .iter()
+            .filter(|r| r.node == n.name)
+        {
+            let q = n
+                .agent
+                .call(
+                    "nvmf_subsystem_get_qpairs",
+                    json!({"nqn": control::naming::replica_nqn(&r.name)}),
+                )
+                .await
+                .unwrap();
             for x in q.as_array().unwrap() {
-                if let Some(p) = x["peer_address"].as_str().and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| p.parse().ok()) {
+                if let Some(p) = x["peer_address"]
+                    .as_str()
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+                {
                     ports.push(p);
                 }
             }
@@ -180,25 +314,67 @@ async fn engine_dataplane_kill9_reattaches() {
     c.nodes[0].dp.kill9();
     let _ = tokio::task::spawn_blocking(move || fio.wait(Duration::from_secs(60))).await;
     // Replica targets still hold the old engine's controllers after the crash.
-    let rep = m.replicas(Some("v4")).unwrap().into_iter().find(|r| r.node == "node2").unwrap();
+    let rep = m
+        .replicas(Some("v4"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == "node2")
+        .unwrap();
     let held = c.nodes[1]
         .agent
-        .call("nvmf_subsystem_get_controllers", json!({"nqn": control::naming::replica_nqn(&rep.name)}))
+        .call(
+            "nvmf_subsystem_get_controllers",
+            json!({"nqn": control::naming::replica_nqn(&rep.name)}),
+        )
         .await
         .unwrap();
-    assert!(held.as_array().unwrap().iter().any(|x| x["hostnqn"] == old_host.as_str()), "old controllers should still be there: {held}");
+    assert!(
+        held.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["hostnqn"] == old_host.as_str()),
+        "old controllers should still be there: {held}"
+    );
     c.nodes[0].dp.restart();
-    c.wait("re-attached with a new epoch", Duration::from_secs(90), |m| {
-        m.volume("v4").map(|x| x.state == VolumeState::Attached && x.epoch > v.epoch).unwrap_or(false)
-    })
+    c.wait(
+        "re-attached with a new epoch",
+        Duration::from_secs(90),
+        |m| {
+            m.volume("v4")
+                .map(|x| x.state == VolumeState::Attached && x.epoch > v.epoch)
+                .unwrap_or(false)
+        },
+    )
     .await;
     let v2 = m.volume("v4").unwrap();
-    qemu_io(&v2.endpoint.clone().unwrap(), &["read -P 0x44 32M 8M".into()]).unwrap();
+    qemu_io(
+        &v2.endpoint.clone().unwrap(),
+        &["read -P 0x44 32M 8M".into()],
+    )
+    .unwrap();
     // The old engine's controllers are gone from every replica target.
     for n in &c.nodes[1..] {
-        for r in m.replicas(Some("v4")).unwrap().iter().filter(|r| r.node == n.name) {
-            let ctl = n.agent.call("nvmf_subsystem_get_controllers", json!({"nqn": control::naming::replica_nqn(&r.name)})).await.unwrap();
-            assert!(!ctl.as_array().unwrap().iter().any(|x| x["hostnqn"] == old_host.as_str()), "old controller left: {ctl}");
+        for r in m
+            .replicas(Some("v4"))
+            .unwrap()
+            .iter()
+            .filter(|r| r.node == n.name)
+        {
+            let ctl = n
+                .agent
+                .call(
+                    "nvmf_subsystem_get_controllers",
+                    json!({"nqn": control::naming::replica_nqn(&r.name)}),
+                )
+                .await
+                .unwrap();
+            assert!(
+                !ctl.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["hostnqn"] == old_host.as_str()),
+                "old controller left: {ctl}"
+            );
         }
     }
     assert!(c.events().iter().any(|e| e.reason == "EngineLost"));
@@ -218,7 +394,12 @@ async fn attach_latency_does_not_grow_with_volumes() {
         m.create_volume(&format!("w{i:02}"), 16 << 20, 1).unwrap();
     }
     c.wait("50 volumes created", Duration::from_secs(120), |m| {
-        m.volumes().unwrap().iter().filter(|v| v.state == VolumeState::Detached).count() == n
+        m.volumes()
+            .unwrap()
+            .iter()
+            .filter(|v| v.state == VolumeState::Detached)
+            .count()
+            == n
     })
     .await;
     let mut lat = Vec::new();
@@ -226,7 +407,8 @@ async fn attach_latency_does_not_grow_with_volumes() {
         let name = format!("w{i:02}");
         let t0 = Instant::now();
         attach(&c, &name, "node1");
-        c.wait_state(&name, VolumeState::Attached, Duration::from_secs(60)).await;
+        c.wait_state(&name, VolumeState::Attached, Duration::from_secs(60))
+            .await;
         lat.push(t0.elapsed().as_secs_f64());
     }
     let med = |s: &[f64]| {
@@ -235,12 +417,24 @@ async fn attach_latency_does_not_grow_with_volumes() {
         v[v.len() / 2]
     };
     let (first, last) = (med(&lat[..5]), med(&lat[n - 5..]));
-    eprintln!("attach latency: first five median {:.0} ms, last five median {:.0} ms, all {:?}", first * 1e3, last * 1e3, lat.iter().map(|x| (x * 1e3) as u64).collect::<Vec<_>>());
-    assert!(last <= 2.0 * first + 0.05, "attach latency grew: first {first:.3} s, last {last:.3} s");
+    eprintln!(
+        "attach latency: first five median {:.0} ms, last five median {:.0} ms, all {:?}",
+        first * 1e3,
+        last * 1e3,
+        lat.iter().map(|x| (x * 1e3) as u64).collect::<Vec<_>>()
+    );
+    assert!(
+        last <= 2.0 * first + 0.05,
+        "attach latency grew: first {first:.3} s, last {last:.3} s"
+    );
     // Every volume works.
     for i in [0, n / 2, n - 1] {
         let v = m.volume(&format!("w{i:02}")).unwrap();
-        qemu_io(&v.endpoint.unwrap(), &["write -P 0x88 0 1M".into(), "read -P 0x88 0 1M".into()]).unwrap();
+        qemu_io(
+            &v.endpoint.unwrap(),
+            &["write -P 0x88 0 1M".into(), "read -P 0x88 0 1M".into()],
+        )
+        .unwrap();
     }
     no_orphans(&c).await;
 }

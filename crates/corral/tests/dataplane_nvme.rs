@@ -1,6 +1,8 @@
 //! bdev_nvme_* against real targets: every row of SPDK's conflict table, the
 //! seed bug (-114 after a stale controller) and its way out, detach semantics.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! replica killed under verified load, a fresh member rebuilt, members compared,
 //! and the dataplane killed -9 while degraded still knows who is out of sync.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -11,7 +13,11 @@ use common::{wait_for, Dp};
 use serde_json::{json, Value};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String, String> {
@@ -22,8 +28,13 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String, String> {
     }
     c.arg(uri);
     let o = c.output().expect("qemu-io");
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed") {
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed")
+    {
         Ok(out)
     } else {
         Err(out)
@@ -44,12 +55,21 @@ async fn checksum(dp: &Dp, bdev: &str) -> String {
     let r = dp.ok("corral_nbd_start", json!({"name": format!("ck-{bdev}"), "bdev_name": bdev, "listen_address": format!("127.0.0.1:{port}")})).await;
     let uri = r["uri"].as_str().unwrap().to_string();
     let out = tokio::task::spawn_blocking(move || {
-        let o = Command::new("sh").arg("-c").arg(format!("nbdcopy '{uri}' - | sha256sum")).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_string()
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("nbdcopy '{uri}' - | sha256sum"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
     })
     .await
     .unwrap();
-    dp.ok("corral_nbd_stop", json!({"name": format!("ck-{bdev}")})).await;
+    dp.ok("corral_nbd_stop", json!({"name": format!("ck-{bdev}")}))
+        .await;
     out
 }
 
@@ -60,13 +80,23 @@ async fn raid1_over_nvme_kill_rebuild_and_crash() {
     let mut ports = Vec::new();
     for i in 0..4 {
         let t = Dp::start(&tmp.path().join(format!("t{i}"))).await;
-        let p = t.serve_malloc(&format!("nqn.2024-01.io.corral:m{i}"), "m", 64, 0, true).await;
+        let p = t
+            .serve_malloc(&format!("nqn.2024-01.io.corral:m{i}"), "m", 64, 0, true)
+            .await;
         targets.push(t);
         ports.push(p);
     }
     let mut eng = Dp::start(&tmp.path().join("engine")).await;
-    for i in 0..3 {
-        eng.ok("bdev_nvme_attach_controller", attach(&format!("r{i}"), ports[i], &format!("nqn.2024-01.io.corral:m{i}"))).await;
+    for (i, port) in ports.iter().enumerate().take(3) {
+        eng.ok(
+            "bdev_nvme_attach_controller",
+            attach(
+                &format!("r{i}"),
+                *port,
+                &format!("nqn.2024-01.io.corral:m{i}"),
+            ),
+        )
+        .await;
     }
     eng.ok("bdev_raid_create", json!({"name": "vol", "raid_level": "raid1", "strip_size_kb": 0, "base_bdevs": ["r0n1", "r1n1", "r2n1"]})).await;
     let nbd_port = free_port();
@@ -76,8 +106,19 @@ async fn raid1_over_nvme_kill_rebuild_and_crash() {
     // Verified load while replica 2's process dies.
     let out = tmp.path().join("fio.json");
     let fio = Command::new("fio")
-        .args(["--name=raid", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8", "--verify=crc32c", "--do_verify=1",
-               "--offset=0", "--size=16M", "--rate=4m", "--output-format=json"])
+        .args([
+            "--name=raid",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--offset=0",
+            "--size=16M",
+            "--rate=4m",
+            "--output-format=json",
+        ])
         .arg(format!("--uri={uri}"))
         .arg(format!("--output={}", out.display()))
         .spawn()
@@ -91,29 +132,66 @@ async fn raid1_over_nvme_kill_rebuild_and_crash() {
     .await
     .unwrap()
     .unwrap();
-    assert!(st.success(), "fio: {}", std::fs::read_to_string(&out).unwrap_or_default());
+    assert!(
+        st.success(),
+        "fio: {}",
+        std::fs::read_to_string(&out).unwrap_or_default()
+    );
     wait_for(Duration::from_secs(15), "member r2n1 removed", || async {
-        let r = eng.ok("bdev_raid_get_bdevs", json!({"category": "all"})).await;
-        r[0]["base_bdevs_list"].as_array().unwrap().iter().any(|b| b["member"] == "r2n1" && b["state"] == "out_of_sync")
+        let r = eng
+            .ok("bdev_raid_get_bdevs", json!({"category": "all"}))
+            .await;
+        r[0]["base_bdevs_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["member"] == "r2n1" && b["state"] == "out_of_sync")
     })
     .await;
     let recs = eng.ok("corral_raid_get_records", Value::Null).await;
-    let m2 = recs[0]["members"].as_array().unwrap().iter().find(|m| m["name"] == "r2n1").unwrap().clone();
+    let m2 = recs[0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "r2n1")
+        .unwrap()
+        .clone();
     assert_eq!(m2["state"], "out_of_sync", "{recs}");
     // Add a fresh member (4th target): it rebuilds, then all members match.
-    eng.ok("bdev_nvme_attach_controller", attach("r3", ports[3], "nqn.2024-01.io.corral:m3")).await;
-    eng.ok("bdev_raid_add_base_bdev", json!({"raid_bdev": "vol", "base_bdev": "r3n1"})).await;
+    eng.ok(
+        "bdev_nvme_attach_controller",
+        attach("r3", ports[3], "nqn.2024-01.io.corral:m3"),
+    )
+    .await;
+    eng.ok(
+        "bdev_raid_add_base_bdev",
+        json!({"raid_bdev": "vol", "base_bdev": "r3n1"}),
+    )
+    .await;
     wait_for(Duration::from_secs(60), "rebuild done", || async {
-        let r = eng.ok("bdev_raid_get_bdevs", json!({"category": "all"})).await;
-        r[0]["base_bdevs_list"].as_array().unwrap().iter().any(|b| b["member"] == "r3n1" && b["state"] == "online")
+        let r = eng
+            .ok("bdev_raid_get_bdevs", json!({"category": "all"}))
+            .await;
+        r[0]["base_bdevs_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["member"] == "r3n1" && b["state"] == "online")
     })
     .await;
     qemu_io(&uri, &["read -P 0xa1 40M 8M"]).unwrap();
     eng.ok("corral_nbd_stop", json!({"name": "vol"})).await;
     eng.ok("bdev_raid_delete", json!({"name": "vol"})).await;
-    let sums = [checksum(&eng, "r0n1").await, checksum(&eng, "r1n1").await, checksum(&eng, "r3n1").await];
+    let sums = [
+        checksum(&eng, "r0n1").await,
+        checksum(&eng, "r1n1").await,
+        checksum(&eng, "r3n1").await,
+    ];
     assert!(!sums[0].is_empty());
-    assert!(sums.iter().all(|s| s == &sums[0]), "members differ: {sums:?}");
+    assert!(
+        sums.iter().all(|s| s == &sums[0]),
+        "members differ: {sums:?}"
+    );
     // Degraded again (r1 dies), then the engine dataplane is killed -9: after the
     // restart the record still says r1n1 is out of sync.
     eng.ok("bdev_raid_create", json!({"name": "vol2", "raid_level": "raid1", "strip_size_kb": 0, "base_bdevs": ["r0n1", "r1n1"]})).await;
@@ -124,9 +202,27 @@ async fn raid1_over_nvme_kill_rebuild_and_crash() {
     eng.kill9();
     let eng2 = Dp::start(&tmp.path().join("engine")).await;
     let recs = eng2.ok("corral_raid_get_records", Value::Null).await;
-    let rec = recs.as_array().unwrap().iter().find(|r| r["name"] == "vol2").unwrap().clone();
-    let m1 = rec["members"].as_array().unwrap().iter().find(|m| m["name"] == "r1n1").unwrap().clone();
+    let rec = recs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "vol2")
+        .unwrap()
+        .clone();
+    let m1 = rec["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "r1n1")
+        .unwrap()
+        .clone();
     assert_eq!(m1["state"], "out_of_sync", "{rec}");
-    let m0 = rec["members"].as_array().unwrap().iter().find(|m| m["name"] == "r0n1").unwrap().clone();
+    let m0 = rec["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "r0n1")
+        .unwrap()
+        .clone();
     assert_eq!(m0["state"], "online");
 }

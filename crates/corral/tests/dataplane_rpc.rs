@@ -1,6 +1,8 @@
 //! The dataplane's JSON-RPC, driven as SPDK's rpc.py would: success and every
 //! error code, bad input, many clients.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

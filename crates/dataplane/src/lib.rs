@@ -93,7 +93,8 @@ impl Dataplane {
         let registry = BdevRegistry::new();
         let target = Target::new(TransportOpts::default());
         let tcp = TcpTarget::new(target.clone());
-        let raid = raid::RaidModule::new(registry.clone(), state_dir, raid::RaidOpts::default()).map_err(sd)?;
+        let raid = raid::RaidModule::new(registry.clone(), state_dir, raid::RaidOpts::default())
+            .map_err(sd)?;
         Ok(Arc::new(Dataplane {
             raid,
             lvol: lvol::Lvstores::new(),

@@ -30,13 +30,22 @@ pub fn corral_bin() -> PathBuf {
         return p.into();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut c: Vec<PathBuf> = ["target/release/corral", "target/debug/corral"].iter().map(|p| root.join(p)).filter(|p| p.exists()).collect();
+    let mut c: Vec<PathBuf> = ["target/release/corral", "target/debug/corral"]
+        .iter()
+        .map(|p| root.join(p))
+        .filter(|p| p.exists())
+        .collect();
     c.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    c.pop().expect("build the corral binary first (cargo build -p corral)")
+    c.pop()
+        .expect("build the corral binary first (cargo build -p corral)")
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A unique loopback /24 per test process and name, so tests never share addresses.
@@ -55,7 +64,11 @@ impl DpProc {
     pub fn start(dir: &Path) -> DpProc {
         std::fs::create_dir_all(dir).unwrap();
         let sock = dir.join("rpc.sock");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("dataplane.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("dataplane.log"))
+            .unwrap();
         let child = Command::new(corral_bin())
             .args(["dataplane", "--threads", "2", "--rpc-socket"])
             .arg(&sock)
@@ -69,7 +82,11 @@ impl DpProc {
         while !sock.exists() && t0.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        DpProc { child: Some(child), sock, dir: dir.to_path_buf() }
+        DpProc {
+            child: Some(child),
+            sock,
+            dir: dir.to_path_buf(),
+        }
     }
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -119,14 +136,25 @@ pub struct AgentProc {
 
 impl AgentProc {
     pub fn start(args: Vec<String>, log: &Path, env: &[(&str, &str)]) -> AgentProc {
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let mut cmd = Command::new(corral_bin());
-        cmd.arg("agent").args(&args).stdout(Stdio::null()).stderr(logf);
+        cmd.arg("agent")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(logf);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        AgentProc { child: Some(child), args, log: log.to_path_buf() }
+        AgentProc {
+            child: Some(child),
+            args,
+            log: log.to_path_buf(),
+        }
     }
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -168,7 +196,13 @@ pub struct Cluster {
     pub manager_task: tokio::task::JoinHandle<()>,
 }
 
-pub fn agent_config(name: &str, address: &str, sock: &Path, disk: &Path, listen: SocketAddr) -> AgentConfig {
+pub fn agent_config(
+    name: &str,
+    address: &str,
+    sock: &Path,
+    disk: &Path,
+    listen: SocketAddr,
+) -> AgentConfig {
     AgentConfig {
         node: name.into(),
         address: address.into(),
@@ -201,7 +235,15 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let net = subnet(tag);
         let store = Store::open(&dir.path().join("manager.redb")).unwrap();
-        let cfg = ManagerConfig { knobs: control::api::Knobs { ctrlr_loss_timeout_sec: 4, reconnect_delay_sec: 1, fast_io_fail_timeout_sec: 2 }, tick: Duration::from_millis(300), node_timeout: Duration::from_secs(5) };
+        let cfg = ManagerConfig {
+            knobs: control::api::Knobs {
+                ctrlr_loss_timeout_sec: 4,
+                reconnect_delay_sec: 1,
+                fast_io_fail_timeout_sec: 2,
+            },
+            tick: Duration::from_millis(300),
+            node_timeout: Duration::from_secs(5),
+        };
         let manager = Manager::new(store, cfg);
         let m2 = manager.clone();
         let manager_task = tokio::spawn(async move { m2.run().await });
@@ -218,11 +260,18 @@ impl Cluster {
             // agents are processes it serves no API (port 0 is never used).
             let (agent, agent_task, agent_proc) = if procs {
                 let args = vec![
-                    "--node".into(), name.clone(), "--address".into(), address.clone(),
-                    "--rpc-socket".into(), dp.sock.display().to_string(),
-                    "--listen".into(), listen.to_string(),
-                    "--disk".into(), format!("disk0={}", disk.display()),
-                    "--orphan-grace-secs".into(), "3600".into(),
+                    "--node".into(),
+                    name.clone(),
+                    "--address".into(),
+                    address.clone(),
+                    "--rpc-socket".into(),
+                    dp.sock.display().to_string(),
+                    "--listen".into(),
+                    listen.to_string(),
+                    "--disk".into(),
+                    format!("disk0={}", disk.display()),
+                    "--orphan-grace-secs".into(),
+                    "3600".into(),
                 ];
                 let p = AgentProc::start(args, &nd.join("agent.log"), &[]);
                 let a = Agent::new(cfg);
@@ -231,11 +280,35 @@ impl Cluster {
                 let (a, t) = start_agent(cfg);
                 (a, t, None)
             };
-            manager.register_node(&name, &format!("http://{listen}"), &address).unwrap();
-            nodes.push(NodeH { name, address, dp, agent, agent_task, agent_proc, listen, disk });
+            manager
+                .register_node(&name, &format!("http://{listen}"), &address)
+                .unwrap();
+            nodes.push(NodeH {
+                name,
+                address,
+                dp,
+                agent,
+                agent_task,
+                agent_proc,
+                listen,
+                disk,
+            });
         }
-        let c = Cluster { dir, nodes, manager, manager_task };
-        c.wait("nodes ready", Duration::from_secs(20), |m| m.nodes().map(|ns| ns.iter().all(|n| n.ready && n.disks.iter().all(|d| d.ready))).unwrap_or(false)).await;
+        let c = Cluster {
+            dir,
+            nodes,
+            manager,
+            manager_task,
+        };
+        c.wait("nodes ready", Duration::from_secs(20), |m| {
+            m.nodes()
+                .map(|ns| {
+                    ns.iter()
+                        .all(|n| n.ready && n.disks.iter().all(|d| d.ready))
+                })
+                .unwrap_or(false)
+        })
+        .await;
         c
     }
 
@@ -249,12 +322,24 @@ impl Cluster {
         }
         let vols = self.manager.volumes().unwrap_or_default();
         let evs = self.manager.events_since(0).unwrap_or_default();
-        let tail: Vec<String> = evs.iter().rev().take(25).rev().map(|e| format!("{} {} {}: {}", e.kind, e.object, e.reason, e.message)).collect();
-        panic!("timed out after {t:?} waiting for {what}\nvolumes: {vols:#?}\nevents:\n{}", tail.join("\n"));
+        let tail: Vec<String> = evs
+            .iter()
+            .rev()
+            .take(25)
+            .rev()
+            .map(|e| format!("{} {} {}: {}", e.kind, e.object, e.reason, e.message))
+            .collect();
+        panic!(
+            "timed out after {t:?} waiting for {what}\nvolumes: {vols:#?}\nevents:\n{}",
+            tail.join("\n")
+        );
     }
 
     pub async fn wait_state(&self, vol: &str, st: VolumeState, t: Duration) -> Volume {
-        self.wait(&format!("{vol} {st:?}"), t, |m| m.volume(vol).map(|v| v.state == st).unwrap_or(false)).await;
+        self.wait(&format!("{vol} {st:?}"), t, |m| {
+            m.volume(vol).map(|v| v.state == st).unwrap_or(false)
+        })
+        .await;
         self.manager.volume(vol).unwrap()
     }
 
@@ -272,8 +357,13 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Result<String, String> {
     }
     c.arg(uri);
     let o = c.output().map_err(|e| format!("qemu-io: {e}"))?;
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed") {
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed")
+    {
         Ok(out)
     } else {
         Err(out)
@@ -291,7 +381,16 @@ impl Fio {
     /// then a verify pass (crc32c) of everything written.
     pub fn write_verify(uri: &str, offset: u64, size: u64, rate: &str, out: &Path) -> Fio {
         let child = Command::new("fio")
-            .args(["--name=load", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--output-format=json"])
+            .args([
+                "--name=load",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=8",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--output-format=json",
+            ])
             .arg(format!("--uri={uri}"))
             .arg(format!("--offset={offset}"))
             .arg(format!("--size={size}"))
@@ -301,7 +400,10 @@ impl Fio {
             .stderr(Stdio::piped())
             .spawn()
             .expect("fio (Debian package fio)");
-        Fio { child, out: out.to_path_buf() }
+        Fio {
+            child,
+            out: out.to_path_buf(),
+        }
     }
 
     /// Waits for fio; Ok(json) if it exited 0 with no I/O or verify errors.
@@ -323,7 +425,9 @@ impl Fio {
             let _ = e.read_to_string(&mut err);
         }
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        let j: serde_json::Value = serde_json::from_str(text.find('{').map(|i| &text[i..]).unwrap_or("{}")).unwrap_or_default();
+        let j: serde_json::Value =
+            serde_json::from_str(text.find('{').map(|i| &text[i..]).unwrap_or("{}"))
+                .unwrap_or_default();
         let errs = j["jobs"][0]["error"].as_i64().unwrap_or(-1);
         if !st.success() || errs != 0 {
             return Err(format!("fio failed ({st}, error {errs}): {err}\n{text}"));
@@ -334,7 +438,10 @@ impl Fio {
 
 /// Largest completion latency of fio's writes, in seconds.
 pub fn fio_max_write_lat_s(j: &serde_json::Value) -> f64 {
-    j["jobs"][0]["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e9
+    j["jobs"][0]["write"]["clat_ns"]["max"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
 }
 
 /// Drops every TCP packet to or from the given local ports (nftables), so the
@@ -347,14 +454,30 @@ pub struct Blackhole {
 impl Blackhole {
     pub fn ports(ports: &[u16]) -> Blackhole {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let table = format!("corral_t{}_{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
-        let set = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        let table = format!(
+            "corral_t{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let set = ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let script = format!(
             "table inet {table} {{\n chain out {{\n type filter hook output priority -10; policy accept;\n tcp sport {{ {set} }} drop\n tcp dport {{ {set} }} drop\n }}\n}}\n"
         );
-        let mut c = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft (Debian package nftables)");
+        let mut c = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft (Debian package nftables)");
         use std::io::Write;
-        c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
         assert!(c.wait().unwrap().success(), "nft failed for {script}");
         Blackhole { table }
     }
@@ -362,6 +485,8 @@ impl Blackhole {
 
 impl Drop for Blackhole {
     fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
     }
 }

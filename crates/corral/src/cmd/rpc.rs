@@ -9,7 +9,12 @@ use serde_json::Value;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The dataplane's RPC socket.
-    #[arg(short, long, default_value = "/var/tmp/corral.sock", env = "CORRAL_RPC_SOCKET")]
+    #[arg(
+        short,
+        long,
+        default_value = "/var/tmp/corral.sock",
+        env = "CORRAL_RPC_SOCKET"
+    )]
     pub socket: PathBuf,
     /// Method name, e.g. bdev_get_bdevs.
     pub method: String,
@@ -25,11 +30,16 @@ pub fn run(a: Args) -> anyhow::Result<std::process::ExitCode> {
         Some(p) => serde_json::from_str(p).with_context(|| format!("params are not JSON: {p}"))?,
         None => Value::Null,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
-        let mut c = RpcClient::connect(&a.socket)
-            .await
-            .with_context(|| format!("connecting to {} (is `corral dataplane` running?)", a.socket.display()))?;
+        let mut c = RpcClient::connect(&a.socket).await.with_context(|| {
+            format!(
+                "connecting to {} (is `corral dataplane` running?)",
+                a.socket.display()
+            )
+        })?;
         match c.call(&a.method, params).await.context("RPC transport")? {
             Ok(v) => {
                 println!("{}", serde_json::to_string_pretty(&v)?);

@@ -28,7 +28,9 @@ fn register_all(dp: &Dataplane, lvs: &str) -> Result<(), RpcError> {
         let name = l.uuid.to_string();
         if dp.registry.get(&name).is_none() {
             let b = store.bdev(&name).map_err(lvol_error)?;
-            dp.registry.register(b, &[l.alias.clone()]).map_err(registry_error)?;
+            dp.registry
+                .register(b, std::slice::from_ref(&l.alias))
+                .map_err(registry_error)?;
         }
     }
     Ok(())
@@ -55,7 +57,10 @@ pub fn create_lvstore(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> 
     if let Some(b) = a.block_size {
         o.block_size = b;
     }
-    let u = dp.lvol.create_lvstore(&a.bdev_name, &a.lvs_name, o).map_err(lvol_error)?;
+    let u = dp
+        .lvol
+        .create_lvstore(&a.bdev_name, &a.lvs_name, o)
+        .map_err(lvol_error)?;
     if let (Ok(s), Ok(r)) = (dp.lvol.get(&a.lvs_name), dp.reactor()) {
         s.set_reactor(Some(r));
     }
@@ -73,7 +78,10 @@ struct LoadLvstore {
 
 pub fn load_lvstore(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: LoadLvstore = params(p)?;
-    let u = dp.lvol.load_lvstore(&a.bdev_name, a.uuid).map_err(lvol_error)?;
+    let u = dp
+        .lvol
+        .load_lvstore(&a.bdev_name, a.uuid)
+        .map_err(lvol_error)?;
     let s = dp.lvol.get(&u.to_string()).map_err(lvol_error)?;
     register_all(dp, &u.to_string())?;
     tracing::info!(lvs = %s.name(), uuid = %u, dir = %a.bdev_name.display(), "lvstore loaded");
@@ -92,7 +100,10 @@ struct LvsFilter {
 
 impl LvsFilter {
     fn one(&self) -> Option<&str> {
-        self.uuid.as_deref().or(self.lvs_name.as_deref()).or(self.lvs_uuid.as_deref())
+        self.uuid
+            .as_deref()
+            .or(self.lvs_name.as_deref())
+            .or(self.lvs_uuid.as_deref())
     }
 }
 
@@ -112,11 +123,16 @@ pub fn get_lvstores(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
 
 pub fn delete_lvstore(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: LvsFilter = params(p)?;
-    let which = a.one().ok_or_else(|| RpcError::invalid_params("uuid or lvs_name is required"))?;
+    let which = a
+        .one()
+        .ok_or_else(|| RpcError::invalid_params("uuid or lvs_name is required"))?;
     let lvols = dp.lvol.get_lvols(Some(which)).map_err(lvol_error)?;
     for l in &lvols {
         if let Some(c) = dp.registry.claim_of(&l.uuid.to_string()) {
-            return Err(RpcError::errno_msg(libc::EBUSY, format!("lvol {} is in use by {}", l.alias, c.holder)));
+            return Err(RpcError::errno_msg(
+                libc::EBUSY,
+                format!("lvol {} is in use by {}", l.alias, c.holder),
+            ));
         }
     }
     for l in &lvols {
@@ -143,7 +159,11 @@ struct CreateLvol {
 
 pub fn create(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: CreateLvol = params(p)?;
-    let lvs = a.lvs_name.as_deref().or(a.uuid.as_deref()).ok_or_else(|| RpcError::invalid_params("lvs_name or uuid is required"))?;
+    let lvs = a
+        .lvs_name
+        .as_deref()
+        .or(a.uuid.as_deref())
+        .ok_or_else(|| RpcError::invalid_params("lvs_name or uuid is required"))?;
     let size = match (a.size_in_mib, a.size) {
         (Some(m), _) => m << 20,
         (None, Some(b)) => b,
@@ -152,7 +172,9 @@ pub fn create(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let store = dp.lvol.get(lvs).map_err(lvol_error)?;
     // Thin always: corral never preallocates (the store allocates on write).
     let _ = a.thin_provision;
-    let u = store.create_lvol(&a.lvol_name, size, true).map_err(lvol_error)?;
+    let u = store
+        .create_lvol(&a.lvol_name, size, true)
+        .map_err(lvol_error)?;
     register_all(dp, lvs)?;
     tracing::info!(lvol = %format!("{lvs}/{}", a.lvol_name), size, "lvol created");
     Ok(json!(u.to_string()))
@@ -169,7 +191,10 @@ pub fn delete(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let info = store.lvol(&a.name).map_err(lvol_error)?;
     let bdev_name = info.uuid.to_string();
     if let Some(c) = dp.registry.claim_of(&bdev_name) {
-        return Err(RpcError::errno_msg(libc::EBUSY, format!("lvol {} is in use by {}", info.alias, c.holder)));
+        return Err(RpcError::errno_msg(
+            libc::EBUSY,
+            format!("lvol {} is in use by {}", info.alias, c.holder),
+        ));
     }
     store.delete(&a.name).map_err(lvol_error)?;
     let _ = dp.registry.unregister(&bdev_name);
@@ -188,7 +213,11 @@ struct Resize {
 
 pub fn resize(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Resize = params(p)?;
-    let size = a.size_in_mib.map(|m| m << 20).or(a.size).ok_or_else(|| RpcError::invalid_params("size_in_mib is required"))?;
+    let size = a
+        .size_in_mib
+        .map(|m| m << 20)
+        .or(a.size)
+        .ok_or_else(|| RpcError::invalid_params("size_in_mib is required"))?;
     let store = dp.lvol.store_of(&a.name).map_err(lvol_error)?;
     store.resize(&a.name, size).map_err(lvol_error)?;
     Ok(json!(true))
@@ -203,7 +232,9 @@ struct Snapshot {
 pub fn snapshot(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Snapshot = params(p)?;
     let store = dp.lvol.store_of(&a.lvol_name).map_err(lvol_error)?;
-    let u = store.snapshot(&a.lvol_name, &a.snapshot_name).map_err(lvol_error)?;
+    let u = store
+        .snapshot(&a.lvol_name, &a.snapshot_name)
+        .map_err(lvol_error)?;
     register_all(dp, &store.name())?;
     Ok(json!(u.to_string()))
 }
@@ -217,7 +248,9 @@ struct Clone {
 pub fn clone(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Clone = params(p)?;
     let store = dp.lvol.store_of(&a.snapshot_name).map_err(lvol_error)?;
-    let u = store.clone_snapshot(&a.snapshot_name, &a.clone_name).map_err(lvol_error)?;
+    let u = store
+        .clone_snapshot(&a.snapshot_name, &a.clone_name)
+        .map_err(lvol_error)?;
     register_all(dp, &store.name())?;
     Ok(json!(u.to_string()))
 }
@@ -231,7 +264,9 @@ struct Revert {
 pub fn revert(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Revert = params(p)?;
     let store = dp.lvol.store_of(&a.name).map_err(lvol_error)?;
-    store.revert(&a.name, &a.snapshot_name).map_err(lvol_error)?;
+    store
+        .revert(&a.name, &a.snapshot_name)
+        .map_err(lvol_error)?;
     Ok(json!(true))
 }
 
@@ -274,9 +309,15 @@ pub fn fragmap(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let scope = match a.scope.as_deref() {
         None | Some("layer") => lvol::FragmapScope::Layer,
         Some("chain") => lvol::FragmapScope::Chain,
-        Some(s) => return Err(RpcError::invalid_params(format!("scope {s}: expected layer or chain"))),
+        Some(s) => {
+            return Err(RpcError::invalid_params(format!(
+                "scope {s}: expected layer or chain"
+            )))
+        }
     };
-    let f = store.fragmap(&a.name, a.offset, a.size, scope).map_err(lvol_error)?;
+    let f = store
+        .fragmap(&a.name, a.offset, a.size, scope)
+        .map_err(lvol_error)?;
     Ok(json!({
         "block_size": f.block_size, "offset_blocks": f.offset_blocks, "num_blocks": f.num_blocks,
         "num_allocated_blocks": f.num_allocated_blocks,
@@ -288,5 +329,7 @@ pub fn checksum(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Name = params(p)?;
     let store = dp.lvol.store_of(&a.name).map_err(lvol_error)?;
     let c = store.checksum(&a.name).map_err(lvol_error)?;
-    Ok(json!({"algorithm": c.algorithm, "checksum": format!("{:016x}", c.value), "num_blocks": c.num_blocks}))
+    Ok(
+        json!({"algorithm": c.algorithm, "checksum": format!("{:016x}", c.value), "num_blocks": c.num_blocks}),
+    )
 }

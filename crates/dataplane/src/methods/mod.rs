@@ -4,9 +4,9 @@
 mod bdev_methods;
 mod lvol_methods;
 mod nbd_methods;
-mod raid_methods;
 mod nvme_methods;
 mod nvmf_methods;
+mod raid_methods;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -108,7 +108,12 @@ async fn blocking(
     let dp = dp.clone();
     tokio::task::spawn_blocking(move || f(&dp, p))
         .await
-        .unwrap_or_else(|e| Err(RpcError::new(crate::rpc::code::INTERNAL_ERROR, format!("method panicked: {e}"))))
+        .unwrap_or_else(|e| {
+            Err(RpcError::new(
+                crate::rpc::code::INTERNAL_ERROR,
+                format!("method panicked: {e}"),
+            ))
+        })
 }
 
 async fn dispatch(dp: &Arc<Dataplane>, method: &str, p: Value) -> Result<Value, RpcError> {
@@ -172,6 +177,9 @@ async fn dispatch(dp: &Arc<Dataplane>, method: &str, p: Value) -> Result<Value, 
         "corral_nbd_start" => nbd_methods::start(dp, p).await,
         "corral_nbd_stop" => nbd_methods::stop(dp, p).await,
         "corral_nbd_list" => nbd_methods::list(dp, p),
-        _ => Err(RpcError::new(crate::rpc::code::METHOD_NOT_FOUND, "Method not found")),
+        _ => Err(RpcError::new(
+            crate::rpc::code::METHOD_NOT_FOUND,
+            "Method not found",
+        )),
     }
 }

@@ -58,7 +58,14 @@ pub async fn start(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     });
     let bdev = dp
         .registry
-        .claim(&a.bdev_name, Claim { holder: holder(&a.name), module: "nbd", on_remove: Some(on_remove) })
+        .claim(
+            &a.bdev_name,
+            Claim {
+                holder: holder(&a.name),
+                module: "nbd",
+                on_remove: Some(on_remove),
+            },
+        )
         .map_err(registry_error)?;
     let server = {
         let existing = dp.nbd.lock().get(&addr).cloned();
@@ -81,7 +88,10 @@ pub async fn start(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let taken = dp.nbd.lock().values().any(|s| s.export(&a.name).is_some());
     if taken {
         let _ = dp.registry.release(&a.bdev_name, &holder(&a.name));
-        return Err(RpcError::errno_msg(libc::EEXIST, format!("NBD export {} already exists", a.name)));
+        return Err(RpcError::errno_msg(
+            libc::EEXIST,
+            format!("NBD export {} already exists", a.name),
+        ));
     }
     match server.add_export(&a.name, bdev, nbd::ExportOptions::default()) {
         Ok(i) => Ok(export_json(&i, &server.local_addr())),
@@ -99,9 +109,17 @@ struct Stop {
 
 pub async fn stop(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Stop = params(p)?;
-    let server = dp.nbd.lock().values().find(|s| s.export(&a.name).is_some()).cloned();
+    let server = dp
+        .nbd
+        .lock()
+        .values()
+        .find(|s| s.export(&a.name).is_some())
+        .cloned();
     let Some(server) = server else {
-        return Err(RpcError::errno_msg(libc::ENODEV, format!("NBD export {} does not exist", a.name)));
+        return Err(RpcError::errno_msg(
+            libc::ENODEV,
+            format!("NBD export {} does not exist", a.name),
+        ));
     };
     let info = server.remove_export(&a.name).await.map_err(nbd_error)?;
     let _ = dp.registry.release(&info.bdev_name, &holder(&a.name));

@@ -55,13 +55,19 @@ struct AddBase {
 
 pub async fn add_base_bdev(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: AddBase = params(p)?;
-    dp.raid.add_base_bdev(&a.raid_bdev, &a.base_bdev).await.map_err(raid_error)?;
+    dp.raid
+        .add_base_bdev(&a.raid_bdev, &a.base_bdev)
+        .await
+        .map_err(raid_error)?;
     Ok(json!(true))
 }
 
 pub async fn remove_base_bdev(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Name = params(p)?;
-    dp.raid.remove_base_bdev(&a.name).await.map_err(raid_error)?;
+    dp.raid
+        .remove_base_bdev(&a.name)
+        .await
+        .map_err(raid_error)?;
     Ok(json!(true))
 }
 
@@ -73,13 +79,16 @@ struct Bandwidth {
 
 pub fn set_bandwidth(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Bandwidth = params(p)?;
-    dp.raid.set_rebuild_bandwidth(&a.name, a.mib_per_sec).map_err(raid_error)?;
+    dp.raid
+        .set_rebuild_bandwidth(&a.name, a.mib_per_sec)
+        .map_err(raid_error)?;
     Ok(json!(true))
 }
 
 /// The durable member records of every raid this dataplane has had, read from
 /// the state dir: they survive a crash of the dataplane (I5).
 pub fn get_records(dp: &Arc<Dataplane>, _p: Value) -> Result<Value, RpcError> {
-    let recs = raid::read_records(&dp.state_dir).map_err(|e| RpcError::errno_msg(libc::EIO, e.to_string()))?;
+    let recs = raid::read_records(&dp.state_dir)
+        .map_err(|e| RpcError::errno_msg(libc::EIO, e.to_string()))?;
     to_value(recs)
 }
