@@ -45,7 +45,13 @@ fn three_nodes_three_replicas() {
         ["node1", "node2", "node3"],
         "one replica per node: {rs}"
     );
-    let ctrls = up.json(&["controller", "ls"]);
+    // Controllers come from the agents' last status report: wait for one.
+    let t0 = Instant::now();
+    let mut ctrls = up.json(&["controller", "ls"]);
+    while ctrls.as_array().unwrap().len() < 3 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        ctrls = up.json(&["controller", "ls"]);
+    }
     assert_eq!(
         ctrls.as_array().unwrap().len(),
         3,

@@ -68,7 +68,7 @@ fn up_without_volume_then_cli() {
     // An empty volume list is a header and a hint on stderr.
     let r = up.cli(&["volume", "ls"]);
     assert_eq!(r.code, 0);
-    assert!(r.stdout.starts_with("NAME"), "{r:?}");
+    assert!(r.stdout.is_empty(), "{r:?}");
     assert!(r.stderr.contains("corral volume create"), "{r:?}");
     assert_eq!(up.json(&["volume", "ls"]), serde_json::json!([]));
 
@@ -261,6 +261,98 @@ fn killed_up_leaves_nothing_behind() {
     // SIGKILL cannot be handled: PR_SET_PDEATHSIG stops the children.
     up.stop_with(libc::SIGKILL);
     assert_no_processes_left(dir.to_str().unwrap(), Duration::from_secs(30));
+}
+
+#[test]
+fn up_refuses_bad_setups_before_starting_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let d = dir.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(corral_bin()).args(args).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // The manager's port is taken.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let (code, err) = run(&[
+        "up",
+        "--data-dir",
+        d,
+        "--no-volume",
+        "--manager-listen",
+        &addr,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("the manager's address {addr} is in use")),
+        "{err}"
+    );
+    assert!(err.contains("--manager-listen"), "{err}");
+    // A node's NBD port is taken.
+    let p = prefix(9);
+    let nbd = std::net::TcpListener::bind(format!("{p}.1:0")).unwrap();
+    let nbd_port = nbd.local_addr().unwrap().port().to_string();
+    let m = format!("127.0.0.1:{}", free_port());
+    let (code, err) = run(&[
+        "up",
+        "--data-dir",
+        d,
+        "--no-volume",
+        "--manager-listen",
+        &m,
+        "--address-prefix",
+        &p,
+        "--nbd-port",
+        &nbd_port,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("node1's NBD address") && err.contains("--nbd-port"),
+        "{err}"
+    );
+    // Bad values.
+    let (code, err) = run(&["up", "--data-dir", d, "--address-prefix", "10.0.0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("127.0.0.0/8"), "{err}");
+    let (code, err) = run(&["up", "--data-dir", d, "--nodes", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--nodes 0"), "{err}");
+    let (code, err) = run(&["up", "--data-dir", d, "--size", "lots"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--size"), "{err}");
+    let long = tmp.path().join("x".repeat(100));
+    let (code, err) = run(&["up", "--data-dir", long.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("use a shorter path"), "{err}");
+    assert!(processes_mentioning(d).is_empty());
+}
+
+#[test]
+fn a_volume_that_cannot_be_made_is_reported_and_the_rest_stays_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    // Two replicas of one volume cannot share one node.
+    let mut up = Up::start(
+        &dir,
+        5,
+        &["--nodes", "1", "--replicas", "2", "--size", "64MiB"],
+    );
+    let out = up.wait_for_output("Ctrl-C stops everything", Duration::from_secs(120));
+    assert!(
+        out.contains("corral up: error: create volume vol1: volume vol1: cannot place 2 replicas"),
+        "{out}"
+    );
+    assert!(out.contains("what to do: add nodes or disks"), "{out}");
+    assert!(out.contains("keep running so you can look"), "{out}");
+    // The rest is up and answers.
+    let nodes = up.json(&["node", "ls"]);
+    assert_eq!(nodes[0]["ready"], true);
+    assert_eq!(up.stop_with(libc::SIGTERM), Some(0), "{}", up.diagnostics());
+    assert_no_processes_left(dir.to_str().unwrap(), Duration::from_secs(10));
 }
 
 fn http_get(url: &str) -> String {

@@ -183,10 +183,17 @@ fn quick_start_volume_lifecycle() {
     assert!(qemu_io(&ep, &["read 0 4k"]).is_err(), "the export is gone");
     let r = up.cli(&["volume", "show", "vol1"]);
     assert_eq!(r.code, 2);
-    // Orphans are reported from the agents' status: give the manager a poll.
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(up.json(&["orphans", "ls"]), serde_json::json!([]));
-    assert_eq!(up.json(&["controller", "ls"]), serde_json::json!([]));
+    // Orphans and controllers come from the agents' status reports: wait for
+    // a report from after the delete, then nothing may be left.
+    let t0 = std::time::Instant::now();
+    let empty = serde_json::json!([]);
+    while (up.json(&["orphans", "ls"]) != empty || up.json(&["controller", "ls"]) != empty)
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(up.json(&["orphans", "ls"]), empty);
+    assert_eq!(up.json(&["controller", "ls"]), empty);
 
     assert_eq!(up.stop_with(libc::SIGTERM), Some(0));
     assert_no_processes_left(dir.to_str().unwrap(), Duration::from_secs(10));

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     pub listen: SocketAddr,
     /// A disk: NAME=DIR, a directory holding one lvstore (repeatable).
-    #[arg(long = "disk", value_parser = parse_disk)]
+    #[arg(long = "disk", value_name = "NAME=DIR", value_parser = parse_disk)]
     pub disks: Vec<(String, PathBuf)>,
     /// Port of the replicas' NVMe/TCP listener.
     #[arg(long, default_value_t = 4420)]

@@ -291,10 +291,7 @@ async fn node_ls(c: &Client, json_out: bool) -> Result<(), CliError> {
             or_dash(n.reason.as_deref()),
         ]);
     }
-    print!("{}", t.render());
-    if nodes.is_empty() {
-        eprintln!("no nodes registered (agents register themselves: `corral agent --manager URL …`, or run `corral up`)");
-    }
+    t.print_or("no nodes registered (agents register themselves: `corral agent --manager URL …`, or run `corral up`)");
     Ok(())
 }
 
@@ -338,10 +335,7 @@ async fn disk_ls(c: &Client, json_out: bool) -> Result<(), CliError> {
             or_dash(d.reason.as_deref()),
         ]);
     }
-    print!("{}", t.render());
-    if disks.is_empty() {
-        eprintln!("no disks (they come with nodes: `corral node ls`)");
-    }
+    t.print_or("no disks (they come with nodes: `corral node ls`)");
     Ok(())
 }
 
@@ -489,10 +483,7 @@ async fn volume_ls(c: &Client, json_out: bool) -> Result<(), CliError> {
             or_dash(Some(&conds.join(","))),
         ]);
     }
-    print!("{}", t.render());
-    if vols.is_empty() {
-        eprintln!("no volumes (create one: corral volume create NAME --size 10GiB)");
-    }
+    t.print_or("no volumes (create one: corral volume create NAME --size 10GiB)");
     Ok(())
 }
 
@@ -821,12 +812,9 @@ async fn snapshot(c: &Client, cmd: SnapshotCmd, json_out: bool) -> Result<(), Cl
                         utc(s.created),
                     ]);
                 }
-                print!("{}", t.render());
-                if snaps.is_empty() {
-                    eprintln!(
-                        "no snapshots of {volume} (take one: corral snapshot create {volume} NAME)"
-                    );
-                }
+                t.print_or(&format!(
+                    "no snapshots of {volume} (take one: corral snapshot create {volume} NAME)"
+                ));
             }
         }
         SnapshotCmd::Delete { volume, name } => {
@@ -899,10 +887,7 @@ async fn replica_ls(c: &Client, volume: Option<&str>, json_out: bool) -> Result<
             or_dash(r.reason.as_deref()),
         ]);
     }
-    print!("{}", t.render());
-    if rs.is_empty() {
-        eprintln!("no replicas");
-    }
+    t.print_or("no replicas");
     Ok(())
 }
 
@@ -949,10 +934,7 @@ async fn controller_ls(c: &Client, orphans: bool, json_out: bool) -> Result<(), 
                 ]);
             }
         }
-        print!("{}", t.render());
-        if t.is_empty() {
-            eprintln!("no orphans");
-        }
+        t.print_or("no orphans");
         return Ok(());
     }
     let mut t = Table::new(&[
@@ -970,10 +952,7 @@ async fn controller_ls(c: &Client, orphans: bool, json_out: bool) -> Result<(), 
             yes_no(e.orphan == Value::Bool(true)),
         ]);
     }
-    print!("{}", t.render());
-    if t.is_empty() {
-        eprintln!("no controllers (engines of attached volumes have one per replica)");
-    }
+    t.print_or("no controllers (engines of attached volumes have one per replica)");
     Ok(())
 }
 
@@ -1000,10 +979,7 @@ async fn orphans_ls(c: &Client, json_out: bool) -> Result<(), CliError> {
             e.orphan.detail,
         ]);
     }
-    print!("{}", t.render());
-    if t.is_empty() {
-        eprintln!("no orphans");
-    }
+    t.print_or("no orphans");
     Ok(())
 }
 

@@ -182,6 +182,16 @@ impl Table {
         self.rows.is_empty()
     }
 
+    /// Prints the table on stdout, or when it has no rows, `hint` on stderr
+    /// (a bare header says less than "no volumes (create one: …)").
+    pub fn print_or(&self, hint: &str) {
+        if self.is_empty() {
+            eprintln!("{hint}");
+        } else {
+            print!("{}", self.render());
+        }
+    }
+
     pub fn render(&self) -> String {
         let n = self.headers.len();
         let mut w: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();

@@ -105,6 +105,16 @@ struct Say {
 impl Say {
     fn line(&mut self, s: &str) {
         println!("{s}");
+        self.log(s);
+    }
+
+    /// An error: on stderr (and in the log).
+    fn error(&mut self, s: &str) {
+        eprintln!("{s}");
+        self.log(s);
+    }
+
+    fn log(&mut self, s: &str) {
         if let Some(f) = &mut self.log {
             let _ = writeln!(f, "{} {s}", utc(now_secs()));
         }
@@ -292,6 +302,47 @@ fn check_prefix(p: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fails early, with the option to change, when a port the parts will listen
+/// on is taken (else a foreign manager could even answer our readiness probe).
+fn check_ports(a: &Args) -> anyhow::Result<()> {
+    let taken = |addr: SocketAddr| std::net::TcpListener::bind(addr).is_err();
+    if taken(a.manager_listen) {
+        bail!(
+            "the manager's address {} is in use (another `corral up` or manager?); \
+             choose another with --manager-listen",
+            a.manager_listen
+        );
+    }
+    for i in 1..=a.nodes {
+        let ip: IpAddr = node_addr(&a.address_prefix, i)
+            .parse()
+            .map_err(|e| anyhow!("--address-prefix {}: {e}", a.address_prefix))?;
+        for (port, what, flag) in [
+            (a.nvmf_port, "replica NVMe/TCP", "--nvmf-port"),
+            (a.nbd_port, "NBD", "--nbd-port"),
+            (a.frontend_port, "NVMe/TCP frontend", "--frontend-port"),
+        ] {
+            let addr = SocketAddr::new(ip, port);
+            if taken(addr) {
+                bail!(
+                    "node{i}'s {what} address {addr} is in use (another `corral up`?); \
+                     choose another with {flag} or --address-prefix"
+                );
+            }
+        }
+        if a.agent_port_base != 0 {
+            let addr = SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                a.agent_port_base + (i - 1) as u16,
+            );
+            if taken(addr) {
+                bail!("node{i}'s agent address {addr} is in use; choose another --agent-port-base");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Takes DIR/up.lock, or says who holds it.
 fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     let p = dir.join("up.lock");
@@ -358,6 +409,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let _lock = lock_data_dir(&dir)?;
+    check_ports(&a)?;
     std::fs::create_dir_all(dir.join("logs"))?;
     let exe = std::env::current_exe().context("finding the corral binary")?;
     // A current-thread runtime: every child is forked from this (main) thread,
@@ -410,6 +462,14 @@ impl Plan<'_> {
     }
 }
 
+/// What `start_parts` hands to `setup`.
+#[derive(Debug)]
+struct Started {
+    client: Client,
+    /// The volume's (state, epoch) before any agent ran, if it existed.
+    before: Option<(VolumeState, u64)>,
+}
+
 /// Waits for SIGINT or SIGTERM.
 async fn next_signal(int: &mut Signal, term: &mut Signal) {
     tokio::select! {
@@ -423,13 +483,13 @@ impl Up {
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let started = {
-            let work = self.start(&plan);
+            let work = self.start_parts(&plan);
             tokio::select! {
                 r = work => Some(r),
                 _ = next_signal(&mut int, &mut term) => None,
             }
         };
-        match started {
+        let started = match started {
             None => {
                 self.say
                     .line("interrupted while starting; stopping what was started");
@@ -437,14 +497,44 @@ impl Up {
                 return Ok(ExitCode::SUCCESS);
             }
             Some(Err(e)) => {
-                self.say.line(&format!("corral up: error: {e:#}"));
+                self.say.error(&format!("corral up: error: {e:#}"));
                 self.say.line("stopping what was started");
                 self.stop_all(&mut int, &mut term).await;
                 return Ok(ExitCode::from(EXIT_FAILED));
             }
-            Some(Ok(())) => {}
+            Some(Ok(s)) => s,
+        };
+        // Past this point every part runs: a volume (or a node) that does not
+        // come up is reported, and the parts stay up so that it can be looked
+        // into with the CLI.
+        let set_up = {
+            let work = self.setup(&plan, started);
+            tokio::select! {
+                r = work => Some(r),
+                _ = next_signal(&mut int, &mut term) => None,
+            }
+        };
+        let stop_now = match set_up {
+            None => true,
+            Some(Ok(())) => false,
+            Some(Err(e)) => {
+                self.say.error(&format!("corral up: error: {e:#}"));
+                self.say.line(&format!(
+                    "the parts that started keep running so you can look: `corral node ls`, \
+                     `corral volume show {}`, `corral events`, logs in {}",
+                    plan.a.volume,
+                    plan.dir.join("logs").display()
+                ));
+                false
+            }
+        };
+        if !stop_now {
+            self.say.line(&format!(
+                "Ctrl-C stops everything; the data stays in {}.",
+                plan.dir.display()
+            ));
+            self.supervise(&mut int, &mut term).await;
         }
-        self.supervise(&mut int, &mut term).await;
         self.say
             .line("stopping: manager, agents, then dataplanes (they drain I/O first)");
         self.stop_all(&mut int, &mut term).await;
@@ -455,8 +545,9 @@ impl Up {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Starts every part, waits until each is ready, then sets up the volume.
-    async fn start(&mut self, plan: &Plan<'_>) -> anyhow::Result<()> {
+    /// Starts every part and waits until each answers. Returns the manager's
+    /// client and the volume's state from before any agent ran.
+    async fn start_parts(&mut self, plan: &Plan<'_>) -> anyhow::Result<Started> {
         let a = plan.a;
         let dir = plan.dir;
         let logs = dir.join("logs");
@@ -579,6 +670,14 @@ impl Up {
         for p in first_agent..self.procs.len() {
             self.wait_ready(p, plan.timeout).await?;
         }
+        Ok(Started { client, before })
+    }
+
+    /// Waits for the nodes to be ready, then creates and attaches the volume.
+    async fn setup(&mut self, plan: &Plan<'_>, st: Started) -> anyhow::Result<()> {
+        let a = plan.a;
+        let Started { client, before } = st;
+        let murl = plan.manager_url();
         let nodes = self.wait_nodes(&client, a.nodes, plan.timeout).await?;
         for n in &nodes {
             let d: Vec<String> = n
@@ -601,14 +700,10 @@ impl Up {
         } else {
             self.volume(&client, plan, before).await?;
         }
-        if murl != "http://127.0.0.1:9500" {
+        if murl != super::client::DEFAULT_MANAGER {
             self.say
                 .line(&format!("  for the CLI: export CORRAL_MANAGER={murl}"));
         }
-        self.say.line(&format!(
-            "Ctrl-C stops everything; the data stays in {}.",
-            dir.display()
-        ));
         Ok(())
     }
 

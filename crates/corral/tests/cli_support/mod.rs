@@ -152,7 +152,9 @@ impl Up {
 
     /// Waits until `corral up` is fully up (its last start-up line).
     pub fn wait_up(&mut self) -> String {
-        self.wait_for_output("Ctrl-C stops everything", Duration::from_secs(120))
+        let out = self.wait_for_output("Ctrl-C stops everything", Duration::from_secs(120));
+        assert!(!out.contains("corral up: error:"), "{}", self.diagnostics());
+        out
     }
 
     pub fn pid(&self) -> i32 {
