@@ -328,25 +328,47 @@ async fn drive(
     let result = loop {
         // 1. Read what the socket has.
         let mut progressed = false;
+        // The socket may hold more than the buffer took.
+        let mut more_input = false;
         if !eof && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER {
             loop {
                 if filled == rbuf.len() {
+                    more_input = true;
                     break;
                 }
-                match stream.try_read(&mut rbuf[filled..]) {
-                    Ok(0) => {
+                let space = rbuf.len() - filled;
+                let mut got = None;
+                let r = stream.try_io(Interest::READABLE, || {
+                    let n = stream.try_read(&mut rbuf[filled..])?;
+                    got = Some(n);
+                    if n > 0 && n < space {
+                        // A short read drained the socket. Report WouldBlock so
+                        // that tokio clears the readiness it saw before the
+                        // read (data arriving later raises a new one): the
+                        // next attempt then sleeps in epoll instead of paying
+                        // for a recv that returns EAGAIN.
+                        return Err(std::io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match (got, r) {
+                    (Some(0), _) => {
                         eof = true;
                         break;
                     }
-                    Ok(n) => {
+                    (Some(n), _) => {
                         filled += n;
                         progressed = true;
-                        if filled < rbuf.len() {
+                        if n < space {
                             break;
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => break_with(&mut eof, e),
+                    (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    (None, Err(e)) => {
+                        break_with(&mut eof, e);
+                        break;
+                    }
+                    (None, Ok(_)) => break,
                 }
             }
             if filled > 0 {
@@ -414,8 +436,10 @@ async fn drive(
         if eof && (conn.pending_output() == 0 || conn.is_closing()) {
             break Ok(());
         }
-        if progressed {
-            // More may be ready; yield so other connections on this thread run.
+        if progressed && more_input {
+            // The socket holds more: yield so other connections on this thread
+            // run, then go on. Otherwise the socket is drained and the wait
+            // below is the yield (without an extra epoll_wait and recv).
             tokio::task::yield_now().await;
             continue;
         }
