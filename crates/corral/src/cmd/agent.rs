@@ -144,11 +144,13 @@ async fn serve(a: Args, manager: Option<String>) -> anyhow::Result<()> {
 /// jitter until it is accepted (the manager may start after the agent).
 /// A refusal (4xx) is permanent: it is logged and registration stops.
 async fn register_until_done(manager: String, node: String, agent_url: String, address: String) {
-    let http = match reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .build()
-    {
+        .timeout(Duration::from_secs(10));
+    if super::client::is_loopback_url(&manager) {
+        b = b.no_proxy();
+    }
+    let http = match b.build() {
         Ok(h) => h,
         Err(e) => {
             tracing::error!("cannot build an HTTP client to register: {e}");

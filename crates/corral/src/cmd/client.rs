@@ -167,8 +167,12 @@ impl Client {
                 "--manager {base}: expected a URL like http://127.0.0.1:9500"
             )));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
+        let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+        if is_loopback_url(&base) {
+            // An http_proxy meant for the outside must not swallow local calls.
+            b = b.no_proxy();
+        }
+        let http = b
             .build()
             .map_err(|e| CliError::Usage(format!("HTTP client: {e}")))?;
         Ok(Client { base, http })
@@ -293,6 +297,24 @@ impl Client {
     }
 }
 
+/// Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1).
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let hostport = rest.split('/').next().unwrap_or("");
+    let host = if let Some(h) = hostport.strip_prefix('[') {
+        h.split(']').next().unwrap_or("")
+    } else {
+        hostport
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(hostport)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Decodes an answer, or says which answer did not fit (a CLI/manager version skew).
 pub fn decode<T: DeserializeOwned>(what: &str, v: Value) -> Result<T, CliError> {
     serde_json::from_value(v).map_err(|e| CliError::Failed {
@@ -361,6 +383,16 @@ mod tests {
         };
         assert_eq!(t.exit_code(), 4);
         assert_eq!(CliError::Usage("u".into()).exit_code(), 1);
+    }
+
+    #[test]
+    fn loopback_urls() {
+        assert!(is_loopback_url("http://127.0.0.1:9500"));
+        assert!(is_loopback_url("http://127.3.4.5:1/x"));
+        assert!(is_loopback_url("http://localhost:9500/"));
+        assert!(is_loopback_url("http://[::1]:9500"));
+        assert!(!is_loopback_url("http://10.0.0.1:9500"));
+        assert!(!is_loopback_url("http://manager.example:9500"));
     }
 
     #[test]

@@ -718,6 +718,7 @@ impl Up {
         let t0 = Instant::now();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
+            .no_proxy()
             .build()
             .context("HTTP client")?;
         loop {
@@ -982,6 +983,14 @@ impl Up {
                             p.log.display()
                         ));
                     }
+                } else if self.restart && p.child.is_none() && p.restart_at.is_none() {
+                    // It died while `corral up` was still setting up (and was
+                    // reported then): start it again here.
+                    p.restart_at = Some(now + Duration::from_secs(1));
+                    lines.push(format!(
+                        "{} is not running; starting it again in 1s",
+                        p.name
+                    ));
                 }
                 if p.restart_at.is_some_and(|t| now >= t) {
                     p.restart_at = None;
