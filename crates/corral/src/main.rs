@@ -32,6 +32,8 @@ enum Cmd {
     Manager(cmd::manager::Args),
     /// Quick start: dataplanes, agents and a manager on this machine, and a volume.
     Up(cmd::up::Args),
+    /// NVMe/TCP load generator (in the spirit of spdk_nvme_perf).
+    Bench(cmd::bench::Args),
     #[command(flatten)]
     Ctl(cmd::ctl::CtlCmd),
 }
@@ -59,6 +61,7 @@ fn main() -> std::process::ExitCode {
         }
         Cmd::Manager(a) => cmd::manager::run(a).map(|_| std::process::ExitCode::SUCCESS),
         Cmd::Up(a) => cmd::up::run(a),
+        Cmd::Bench(a) => cmd::bench::run(a).map(|_| std::process::ExitCode::SUCCESS),
         Cmd::Ctl(c) => Ok(cmd::ctl::run(c, cli.global)),
     };
     match r {

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod client;
 pub mod ctl;
+pub mod bench;
 pub mod dataplane;
 pub mod events;
 pub mod manager;
