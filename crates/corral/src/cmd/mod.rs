@@ -1,9 +1,9 @@
 //! Subcommands.
 
 pub mod agent;
+pub mod bench;
 pub mod client;
 pub mod ctl;
-pub mod bench;
 pub mod dataplane;
 pub mod events;
 pub mod manager;
