@@ -17,6 +17,8 @@ use super::state::{CtrlState, Effect, IllegalTransition};
 #[derive(Debug, Default)]
 pub struct QueueCtl {
     closing: AtomicBool,
+    /// Finish the commands in flight (answer them) before closing.
+    drain: AtomicBool,
     reason: Mutex<Option<String>>,
     /// Wakes the connection's driver (close requested or an event to deliver).
     pub wake: Notify,
@@ -39,6 +41,15 @@ impl QueueCtl {
     }
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::SeqCst)
+    }
+    /// Asks the connection to stop taking commands, answer those in flight,
+    /// then close (an orderly shutdown of the target).
+    pub fn close_draining(&self, reason: &str) {
+        self.drain.store(true, Ordering::SeqCst);
+        self.close(reason);
+    }
+    pub fn is_draining(&self) -> bool {
+        self.drain.load(Ordering::SeqCst)
     }
     pub fn close_reason(&self) -> Option<String> {
         self.reason.lock().clone()

@@ -82,6 +82,9 @@ impl std::fmt::Debug for TcpTarget {
     }
 }
 
+/// How long an orderly shutdown waits for a queue's commands in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the keep-alive deadlines are checked (the KAS granularity).
 const KEEP_ALIVE_TICK: Duration = Duration::from_millis(100);
 
@@ -253,7 +256,7 @@ impl TcpTarget {
             l.task.abort();
         }
         for c in self.conns.lock().values() {
-            c.close.close("target shutting down");
+            c.close.close_draining("target shutting down");
         }
         if let Some(h) = self.reaper.lock().take() {
             h.abort();
@@ -321,6 +324,8 @@ async fn drive(
     let mut actions: Vec<Action> = Vec::with_capacity(256);
     let mut completions = VecDeque::new();
     let mut identified = false;
+    let mut drain_until: Option<Instant> = None;
+    let mut stop_reading = false;
     let mut eof = false;
     // Stop reading while this much output is queued (the peer is not reading).
     const OUTPUT_HIGH_WATER: usize = 4 << 20;
@@ -330,7 +335,7 @@ async fn drive(
         let mut progressed = false;
         // The socket may hold more than the buffer took.
         let mut more_input = false;
-        if !eof && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER {
+        if !eof && !stop_reading && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER {
             loop {
                 if filled == rbuf.len() {
                     more_input = true;
@@ -404,12 +409,18 @@ async fn drive(
             }
         }
         if qctl.is_closing() {
-            // The controller or the target ends this queue (keep-alive expiry,
-            // reset, subsystem or listener removed, shutdown): close at once,
-            // without answering commands still in flight, as SPDK disconnects
-            // a qpair; the host retries them on its next connection.
-            info!(peer = %conn.peer(), reason = ?qctl.close_reason(), "closing queue");
-            break Ok(());
+            // An orderly shutdown answers the commands already handed to a
+            // bdev (bounded), taking no new ones. Anything else (keep-alive
+            // expiry, reset, subsystem or listener removed) closes at once,
+            // without answering, as SPDK disconnects a qpair; the host retries
+            // those commands on its next connection.
+            let drain_deadline = *drain_until.get_or_insert_with(|| Instant::now() + DRAIN_TIMEOUT);
+            let busy = conn.executing() > 0 || conn.pending_output() > 0;
+            if !(qctl.is_draining() && busy && Instant::now() < drain_deadline) {
+                info!(peer = %conn.peer(), reason = ?qctl.close_reason(), "closing queue");
+                break Ok(());
+            }
+            stop_reading = true;
         }
         conn.poll_events();
         // 3. Write what is pending.
@@ -450,7 +461,7 @@ async fn drive(
             continue;
         }
         let want_write = conn.pending_output() > 0;
-        let want_read = !eof && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER;
+        let want_read = !eof && !stop_reading && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER;
         let interest = match (want_read, want_write) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
