@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0; [ "${1:-}" = "--quick" ] && quick=1
+# The profile tests build with (Cargo.toml: [profile.ci]); the interop scripts
+# and the control tests use the corral binary of the same build.
+export CORRAL_PROFILE=${CORRAL_PROFILE:-ci}
+export CORRAL_BIN=${CORRAL_BIN:-$PWD/target/$CORRAL_PROFILE/corral}
 t0=$(date +%s)
 stage() { echo; echo "==== $* ($(( $(date +%s) - t0 )) s)"; }
 
@@ -16,13 +20,13 @@ stage "cargo fmt --check"
 cargo fmt --all -- --check
 
 stage "cargo clippy --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 
-stage "build (release, shared by every stage below)"
-cargo build --workspace --release --bins --tests
+stage "build (profile $CORRAL_PROFILE, shared by every stage below)"
+cargo build --workspace --profile "$CORRAL_PROFILE" --bins --tests
 
 stage "cargo test (unit, property, integration)"
-cargo test --workspace --release -- --test-threads="${TEST_THREADS:-2}"
+cargo test --workspace --profile "$CORRAL_PROFILE" -- --test-threads="${TEST_THREADS:-2}"
 
 if [ "$quick" = 0 ]; then
   nvme_vm=../shared/tools/nvme-vm/nvme-vm.sh

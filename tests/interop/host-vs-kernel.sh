@@ -16,8 +16,9 @@ port=${HOST_PORT:-$((20000 + RANDOM % 20000))}
 cd "$here"
 "$vm" setup >/dev/null
 # Build first so that the VM does not wait for the compiler.
-cargo test --release -p nvmf --test host_kernel --no-run 2>&1 | tail -2
-bin=$(cargo test --release -p nvmf --test host_kernel --no-run --message-format=json 2>/dev/null \
+profile=${CORRAL_PROFILE:-release}
+cargo test --profile "$profile" -p nvmf --test host_kernel --no-run 2>&1 | tail -2
+bin=$(cargo test --profile "$profile" -p nvmf --test host_kernel --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*host_kernel[^"]*\)".*/\1/p' | tail -1)
 [ -x "$bin" ] || { echo "host-vs-kernel: test binary not found" >&2; exit 1; }
 guest=$(dirname "$vm")/examples/guest-target-for-host.sh

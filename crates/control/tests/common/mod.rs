@@ -24,13 +24,13 @@ use control::manager::{Manager, ManagerConfig};
 use control::model::*;
 use control::store::Store;
 
-/// The corral binary: CORRAL_BIN, else the newest of target/{release,debug}/corral.
+/// The corral binary: CORRAL_BIN, else the newest of target/{ci,release,debug}/corral.
 pub fn corral_bin() -> PathBuf {
     if let Ok(p) = std::env::var("CORRAL_BIN") {
         return p.into();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut c: Vec<PathBuf> = ["target/release/corral", "target/debug/corral"]
+    let mut c: Vec<PathBuf> = ["target/ci/corral", "target/release/corral", "target/debug/corral"]
         .iter()
         .map(|p| root.join(p))
         .filter(|p| p.exists())
