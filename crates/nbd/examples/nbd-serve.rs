@@ -54,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(a.threads)
+            .thread_name("nbd-worker")
             .enable_all()
             .build()?
     };

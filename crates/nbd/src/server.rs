@@ -10,13 +10,15 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bdev::{BdevIo, BdevRef, Completion, IoError, IoSink};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -73,6 +75,25 @@ struct Inner {
     closed: AtomicBool,
     /// Signalled whenever a connection task ends.
     conn_ended: Notify,
+}
+
+impl Inner {
+    fn bdev_removed(&self, bdev_name: &str) -> Vec<String> {
+        let gone: Vec<Arc<Export>> = {
+            let mut ex = self.exports.lock();
+            let names: Vec<String> = ex
+                .iter()
+                .filter(|(_, e)| e.bdev().name() == bdev_name)
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.iter().filter_map(|n| ex.remove(n)).collect()
+        };
+        for e in &gone {
+            warn!(export = %e.name(), bdev = bdev_name, connections = e.connections(), "bdev hot-removed; NBD export removed");
+            e.begin_removal(CloseMode::Abort);
+        }
+        gone.iter().map(|e| e.name().to_string()).collect()
+    }
 }
 
 impl ExportSource for Inner {
@@ -185,20 +206,19 @@ impl NbdServer {
     /// connections close. Returns the names of the exports removed. Does not
     /// wait (it may be called from a bdev's event callback).
     pub fn bdev_removed(&self, bdev_name: &str) -> Vec<String> {
-        let gone: Vec<Arc<Export>> = {
-            let mut ex = self.inner.exports.lock();
-            let names: Vec<String> = ex
-                .iter()
-                .filter(|(_, e)| e.bdev().name() == bdev_name)
-                .map(|(n, _)| n.clone())
-                .collect();
-            names.iter().filter_map(|n| ex.remove(n)).collect()
-        };
-        for e in &gone {
-            warn!(export = %e.name(), bdev = bdev_name, connections = e.connections(), "bdev hot-removed; NBD export removed");
-            e.begin_removal(CloseMode::Abort);
+        self.inner.bdev_removed(bdev_name)
+    }
+
+    /// [`NbdServer::bdev_removed`] as a callback for a hot-removal subscription
+    /// (`bdev::registry::BdevRegistry::subscribe`). It holds the server weakly:
+    /// a subscription left behind never keeps a stopped server alive.
+    pub fn hot_remove_handler(&self) -> impl Fn(&str) + Send + Sync + 'static {
+        let weak = Arc::downgrade(&self.inner);
+        move |bdev_name: &str| {
+            if let Some(inner) = weak.upgrade() {
+                inner.bdev_removed(bdev_name);
+            }
         }
-        gone.iter().map(|e| e.name().to_string()).collect()
     }
 
     /// Every export, with its connection count.
@@ -320,8 +340,13 @@ async fn serve(
         return Ok("export removed during the handshake");
     }
     let r = async {
-        stream.write_all(&output).await?;
-        drive(&stream, neg, inner, ctl, leftover).await
+        // Tiny, but a client that never reads could block it: bounded like the
+        // rest of the handshake, so that removal never waits on it for long.
+        match tokio::time::timeout(inner.opts.handshake_timeout, stream.write_all(&output)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok("handshake timed out"),
+        }
+        drive(&mut stream, neg, inner, ctl, leftover).await
     }
     .await;
     export.detach(id);
@@ -443,6 +468,9 @@ impl IoSink for ConnSink {
 const RBUF_LEN: usize = 256 * 1024;
 /// A payload at least this long is read straight into its data buffer.
 const DIRECT_PAYLOAD: usize = 32 * 1024;
+/// Read-ahead into the staging buffer while large writes arrive: room for the
+/// next header and a little more.
+const SMALL_READ: usize = 4096;
 /// Stop reading requests while this much reply data waits (the client is not
 /// reading its replies).
 const OUTPUT_HIGH_WATER: usize = 8 << 20;
@@ -453,9 +481,33 @@ const LINGER: Duration = Duration::from_millis(500);
 /// Why a connection ended when the client went away first.
 const CLIENT_GONE: &str = "client closed the connection";
 
+/// Reads what the socket has now, without waiting: `None` when nothing is
+/// there. Goes through `poll_read` (with a waker that does nothing; the loop
+/// waits with `ready()`) because tokio then notes a short read as "drained"
+/// and the next wait blocks at once, where `try_read` would need one more
+/// system call to see EAGAIN.
+fn read_now(stream: &mut TcpStream, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+    let mut rb = tokio::io::ReadBuf::new(buf);
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(stream).poll_read(&mut cx, &mut rb) {
+        Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
+        Poll::Ready(Err(e)) => Some(Err(e)),
+        Poll::Pending => None,
+    }
+}
+
+/// Writes what the socket takes now, without waiting (see [`read_now`]).
+fn write_now(stream: &mut TcpStream, iov: &[IoSlice<'_>]) -> Option<std::io::Result<usize>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(stream).poll_write_vectored(&mut cx, iov) {
+        Poll::Ready(r) => Some(r),
+        Poll::Pending => None,
+    }
+}
+
 /// Runs the transmission phase until the connection is done.
 async fn drive(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     neg: Negotiated,
     inner: &Inner,
     ctl: &ConnCtl,
@@ -480,9 +532,11 @@ async fn drive(
     let mut seen = CloseMode::Run;
     let mut deadline: Option<Instant> = None;
     let mut eof = false;
+    // Staged requests wait for a slot or buffer budget; a completion in some
+    // later pass frees them, and no socket event will announce that.
+    let mut stalled = false;
 
     loop {
-        let mut progressed = false;
         // Close requests from the export (removal, hot-remove).
         let mode = ctl.mode();
         if mode != seen {
@@ -510,30 +564,31 @@ async fn drive(
 
         // 1. Input: what the socket has, and what is staged.
         if !eof && tx.wants_input() && tx.pending_output() < OUTPUT_HIGH_WATER {
-            let mut direct = false;
-            if filled == 0 {
-                if let Some(t) = tx.payload_target().filter(|t| t.len() >= DIRECT_PAYLOAD) {
-                    direct = true;
-                    match stream.try_read(t) {
-                        Ok(0) => eof = true,
-                        Ok(n) => {
-                            tx.payload_received(n, &mut actions);
-                            progressed = true;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
+            let direct = filled == 0 && tx.payload_remaining() >= DIRECT_PAYLOAD;
+            if direct {
+                // A large write payload goes straight into its buffer.
+                if let Some(t) = tx.payload_target() {
+                    match read_now(stream, t) {
+                        Some(Ok(0)) => eof = true,
+                        Some(Ok(n)) => tx.payload_received(n, &mut actions),
+                        Some(Err(e)) => return Err(e),
+                        None => {}
                     }
                 }
-            }
-            if !eof && !direct && filled < rbuf.len() {
-                match stream.try_read(&mut rbuf[filled..]) {
-                    Ok(0) => eof = true,
-                    Ok(n) => {
-                        filled += n;
-                        progressed = true;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+            } else if filled < rbuf.len() {
+                // After a large write read little ahead: the next request is
+                // likely one too, and its payload should then go straight into
+                // its buffer rather than through this one (a second copy).
+                let end = if tx.last_write_len() as usize >= DIRECT_PAYLOAD {
+                    rbuf.len().min(filled + tx.payload_remaining() + SMALL_READ)
+                } else {
+                    rbuf.len()
+                };
+                match read_now(stream, &mut rbuf[filled..end]) {
+                    Some(Ok(0)) => eof = true,
+                    Some(Ok(n)) => filled += n,
+                    Some(Err(e)) => return Err(e),
+                    None => {}
                 }
             }
         }
@@ -542,8 +597,8 @@ async fn drive(
             if used > 0 {
                 rbuf.copy_within(used..filled, 0);
                 filled -= used;
-                progressed = true;
             }
+            stalled = !tx.wants_input();
         }
 
         // 2. Submit, and collect completions until quiet (malloc completes inline).
@@ -555,7 +610,6 @@ async fn drive(
             if completions.is_empty() {
                 break;
             }
-            progressed = true;
             for (tag, io, r) in completions.drain(..) {
                 tx.on_completion(tag, io, r, &mut actions);
             }
@@ -565,15 +619,10 @@ async fn drive(
         if tx.pending_output() > 0 {
             let mut iov = [IoSlice::new(&[]); IOV_BATCH];
             let n = tx.fill_iovecs(&mut iov);
-            match stream.try_write_vectored(&iov[..n]) {
-                Ok(w) => {
-                    if w > 0 {
-                        tx.consume_output(w);
-                        progressed = true;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            match write_now(stream, &iov[..n]) {
+                Some(Ok(w)) => tx.consume_output(w),
+                Some(Err(e)) => return Err(e),
+                None => {}
             }
         }
 
@@ -590,20 +639,23 @@ async fn drive(
             // flight completes into a sink nobody reads.
             return Ok(CLIENT_GONE);
         }
-        if progressed {
-            // More may be ready; let other connections on this thread run.
-            tokio::task::yield_now().await;
+        if stalled && tx.wants_input() && filled > 0 {
             continue;
         }
 
-        // 4. Sleep until the socket, a completion, a close request or a deadline.
+        // 4. Wait for the socket, a completion, a close request or a deadline.
+        // When the socket is known ready this returns at once; its readiness
+        // counts against tokio's cooperative budget, so a busy connection
+        // still lets others on the same thread run.
         sink.waiting.store(true, Ordering::SeqCst);
         if !sink.queue.lock().is_empty() {
             sink.waiting.store(false, Ordering::SeqCst);
             continue;
         }
-        let want_read =
-            tx.wants_input() && filled < rbuf.len() && tx.pending_output() < OUTPUT_HIGH_WATER;
+        let want_read = !eof
+            && tx.wants_input()
+            && filled < rbuf.len()
+            && tx.pending_output() < OUTPUT_HIGH_WATER;
         let want_write = tx.pending_output() > 0;
         let interest = match (want_read, want_write) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
@@ -613,6 +665,7 @@ async fn drive(
         };
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
         let r = tokio::select! {
+            biased;
             r = async {
                 match interest {
                     Some(i) => stream.ready(i).await.map(|_| ()),

@@ -219,6 +219,8 @@ pub struct Transmission {
     mem_in_use: usize,
     /// Input stopped for want of a slot or buffer budget.
     stalled: bool,
+    /// Payload length of the last write taken.
+    last_write: u32,
     stats: TxStats,
 }
 
@@ -236,9 +238,11 @@ impl std::fmt::Debug for Transmission {
 
 impl Transmission {
     /// Starts transmission on what the handshake negotiated.
-    pub fn new(neg: &Negotiated, limits: TxLimits) -> Self {
+    pub fn new(neg: &Negotiated, mut limits: TxLimits) -> Self {
         let e = &neg.export;
         let bdev = e.bdev().clone();
+        // Enforce exactly the maximum the client was told.
+        limits.max_payload = e.block_sizes(limits.max_payload).2;
         let n = limits.max_requests.max(1);
         Transmission {
             size: neg.size,
@@ -278,6 +282,7 @@ impl Transmission {
             pool: BufPool::new(4 << 20, n as usize),
             mem_in_use: 0,
             stalled: false,
+            last_write: 0,
             stats: TxStats::default(),
             limits,
         }
@@ -300,6 +305,13 @@ impl Transmission {
     /// Requests handed to the bdev and not yet completed.
     pub fn executing(&self) -> usize {
         self.executing
+    }
+    /// Payload length of the last write request taken: a driver that sees
+    /// large writes can read less ahead, so that the next payload goes straight
+    /// into its buffer ([`Transmission::payload_target`]) instead of being
+    /// staged and copied.
+    pub fn last_write_len(&self) -> u32 {
+        self.last_write
     }
     /// Whether the driver should read more input now.
     pub fn wants_input(&self) -> bool {
@@ -417,6 +429,14 @@ impl Transmission {
         Some(&mut s.buf[got as usize..len])
     }
 
+    /// Payload bytes of the current write still to come (0 between requests).
+    pub fn payload_remaining(&self) -> usize {
+        match self.rx {
+            Rx::Payload { idx, got } => (self.slots[idx as usize].req.length - got) as usize,
+            _ => 0,
+        }
+    }
+
     /// `n` more payload bytes are in the buffer [`Transmission::payload_target`] gave.
     pub fn payload_received(&mut self, n: usize, actions: &mut Vec<Submit>) {
         let Rx::Payload { idx, got } = self.rx else {
@@ -497,6 +517,7 @@ impl Transmission {
                 };
                 self.slots[idx as usize].state = SlotState::Receiving;
                 self.rx = Rx::Payload { idx, got: 0 };
+                self.last_write = req.length;
             }
             // A bdev without flush has no volatile cache: completed writes are durable.
             CMD_FLUSH if !self.flush_supported => self.reply_ok(req.handle),

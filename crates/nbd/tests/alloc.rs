@@ -57,20 +57,41 @@ unsafe impl GlobalAlloc for CountingAlloc {
 #[global_allocator]
 static A: CountingAlloc = CountingAlloc;
 
-/// One round: 16 writes and 16 reads in flight, then a flush.
+/// One round: 16 writes and 16 reads in flight, then a flush. Each burst goes
+/// out in one write, so that the server holds all 16 buffers at once every
+/// round: the buffer pool grows to the connection's peak concurrency during
+/// warm-up and must not allocate after that.
 fn round(c: &mut RawClient, data: &[u8], base: u64) {
+    let mut burst = Vec::with_capacity(16 * (REQUEST_LEN + 4096));
     for k in 0..16u64 {
-        c.send(CMD_WRITE, 0, k, base + k * 4096, 4096);
-        std::io::Write::write_all(&mut c.s, data).unwrap();
+        Request {
+            flags: 0,
+            kind: CMD_WRITE,
+            handle: k,
+            offset: base + k * 4096,
+            length: 4096,
+        }
+        .encode(&mut burst);
+        burst.extend_from_slice(data);
     }
+    std::io::Write::write_all(&mut c.s, &burst).unwrap();
     // Reads only after the writes are answered: overlapping requests in flight
     // have no defined order in NBD.
     for _ in 0..16 {
         assert_eq!(c.recv(0).error, 0);
     }
+    burst.clear();
     for k in 0..16u64 {
-        c.send(CMD_READ, 0, 100 + k, base + k * 4096, 4096);
+        Request {
+            flags: 0,
+            kind: CMD_READ,
+            handle: 100 + k,
+            offset: base + k * 4096,
+            length: 4096,
+        }
+        .encode(&mut burst);
     }
+    std::io::Write::write_all(&mut c.s, &burst).unwrap();
     for _ in 0..16 {
         let r = c.recv(4096);
         assert_eq!(r.error, 0);

@@ -524,3 +524,154 @@ fn idle_handshakes_time_out_and_shutdown_closes_everything() {
         .block_on(async move { bdev.read_blocks(0, 1).await.unwrap().to_vec() });
     assert_eq!(got, vec![8; 512]);
 }
+
+/// A bdev that completes every request on another thread, as real devices do.
+struct ThreadedBdev {
+    inner: BdevRef,
+    tx: Mutex<std::sync::mpsc::Sender<(BdevIo, Completion)>>,
+}
+
+impl ThreadedBdev {
+    fn new(inner: BdevRef) -> Arc<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(BdevIo, Completion)>();
+        let b = inner.clone();
+        std::thread::spawn(move || {
+            for (io, done) in rx {
+                b.submit(io, done);
+            }
+        });
+        Arc::new(ThreadedBdev {
+            inner,
+            tx: Mutex::new(tx),
+        })
+    }
+}
+
+impl Bdev for ThreadedBdev {
+    fn name(&self) -> &str {
+        "threaded"
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    fn uuid(&self) -> uuid::Uuid {
+        self.inner.uuid()
+    }
+    fn product_name(&self) -> &'static str {
+        "threaded"
+    }
+    fn supports(&self, kind: IoKind) -> bool {
+        self.inner.supports(kind)
+    }
+    fn submit(&self, io: BdevIo, done: Completion) {
+        if let Err(std::sync::mpsc::SendError((io, done))) = self.tx.lock().send((io, done)) {
+            done.complete(io, Err(bdev::IoError::Removed));
+        }
+    }
+}
+
+#[test]
+fn pipelining_far_beyond_the_connection_limits_completes() {
+    // Four requests and 16 KiB of buffers per connection; 256 requests sent in
+    // one go. Requests wait in the receive buffer until slots free up, which
+    // happens on the bdev's own thread.
+    let opts = ServerOptions {
+        max_requests: 4,
+        buffer_budget: 16 << 10,
+        ..Default::default()
+    };
+    let srv = TestServer::start_with(opts);
+    let inner = malloc("m", SIZE, 512);
+    for (name, bdev) in [
+        ("inline", inner.clone()),
+        ("threaded", ThreadedBdev::new(inner.clone()) as BdevRef),
+    ] {
+        srv.add(name, bdev, ExportOptions::default());
+        let mut c = RawClient::connect(srv.addr, name, true);
+        let mut reader = RawClient {
+            s: c.s.try_clone().unwrap(),
+            size: c.size,
+            flags: c.flags,
+            structured: true,
+        };
+        let n = 128u64;
+        let replies = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..n {
+                got.push(reader.recv(0));
+            }
+            got
+        });
+        let mut burst = Vec::new();
+        for k in 0..n {
+            Request {
+                flags: 0,
+                kind: CMD_WRITE,
+                handle: k,
+                offset: k * 8192,
+                length: 8192,
+            }
+            .encode(&mut burst);
+            burst.extend_from_slice(&random_bytes(8192, k));
+        }
+        c.s.write_all(&burst).unwrap();
+        let writes = replies
+            .join()
+            .unwrap_or_else(|_| panic!("{name}: reader failed"));
+        let mut handles: Vec<u64> = writes.iter().map(|r| r.handle).collect();
+        handles.sort();
+        assert_eq!(handles, (0..n).collect::<Vec<u64>>(), "{name}");
+        assert!(writes.iter().all(|r| r.error == 0), "{name}");
+        // Then reads of what they wrote, pipelined too.
+        for k in 0..n {
+            c.send(CMD_READ, 0, 1000 + k, k * 8192, 8192);
+        }
+        let mut seen = 0;
+        for _ in 0..n {
+            let r = c.recv(8192);
+            assert_eq!(r.error, 0);
+            assert!(
+                r.data == random_bytes(8192, r.handle - 1000),
+                "{name}: read {}",
+                r.handle
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, n);
+        c.disconnect();
+    }
+}
+
+#[test]
+fn registry_hot_remove_reaches_the_export() {
+    let srv = TestServer::start();
+    let reg = bdev::registry::BdevRegistry::new();
+    let tracked = reg.register(malloc("regdisk", SIZE, 512), &[]).unwrap();
+    srv.add("disk", tracked.clone(), ExportOptions::default());
+    srv.add("other", malloc("o", SIZE, 512), ExportOptions::default());
+    reg.subscribe("regdisk", Arc::new(srv.server().hot_remove_handler()))
+        .unwrap();
+    let mut c = RawClient::connect(srv.addr, "disk", true);
+    let data = random_bytes(4096, 5);
+    assert_eq!(c.write(1, 0, &data).error, 0);
+    assert_eq!(c.read(2, 0, 4096).data, data);
+    assert!(tracked.stats.num_write_ops.load(Ordering::Relaxed) >= 1);
+
+    assert!(reg.hot_remove("regdisk"));
+    wait_for("connection to close", Duration::from_secs(5), || {
+        c.is_closed()
+    });
+    assert!(srv.server().export("disk").is_none());
+    assert!(srv.server().export("other").is_some());
+    let mut c = RawClient::greet(srv.addr);
+    assert_eq!(c.go("disk"), REP_ERR_UNKNOWN);
+    // The data written before the removal is on the device.
+    let inner = tracked.inner().clone();
+    let got = srv
+        .rt
+        .block_on(async move { inner.read_blocks(0, 8).await.unwrap().to_vec() });
+    assert_eq!(got, data);
+}
