@@ -30,11 +30,15 @@ pub fn corral_bin() -> PathBuf {
         return p.into();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut c: Vec<PathBuf> = ["target/ci/corral", "target/release/corral", "target/debug/corral"]
-        .iter()
-        .map(|p| root.join(p))
-        .filter(|p| p.exists())
-        .collect();
+    let mut c: Vec<PathBuf> = [
+        "target/ci/corral",
+        "target/release/corral",
+        "target/debug/corral",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .filter(|p| p.exists())
+    .collect();
     c.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     c.pop()
         .expect("build the corral binary first (cargo build -p corral)")

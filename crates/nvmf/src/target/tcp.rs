@@ -335,7 +335,8 @@ async fn drive(
         let mut progressed = false;
         // The socket may hold more than the buffer took.
         let mut more_input = false;
-        if !eof && !stop_reading && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER {
+        if !eof && !stop_reading && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER
+        {
             loop {
                 if filled == rbuf.len() {
                     more_input = true;
@@ -461,7 +462,10 @@ async fn drive(
             continue;
         }
         let want_write = conn.pending_output() > 0;
-        let want_read = !eof && !stop_reading && !conn.is_closing() && conn.pending_output() < OUTPUT_HIGH_WATER;
+        let want_read = !eof
+            && !stop_reading
+            && !conn.is_closing()
+            && conn.pending_output() < OUTPUT_HIGH_WATER;
         let interest = match (want_read, want_write) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
