@@ -43,6 +43,11 @@ pub struct TransportOpts {
     pub max_c2h_data: u32,
     /// Data buffer bytes one connection may hold; commands beyond wait.
     pub conn_buffer_budget: usize,
+    /// Busy-poll an I/O queue's socket this long (µs) before sleeping in epoll
+    /// once it has nothing to do: the next command of a busy host usually
+    /// comes within microseconds, and waking from epoll costs more than that
+    /// (SPDK polls all the time). CPU for latency; 0 = never.
+    pub io_poll_us: u32,
 }
 
 impl Default for TransportOpts {
@@ -55,6 +60,7 @@ impl Default for TransportOpts {
             max_h2c_data: 128 << 10,
             max_c2h_data: 128 << 10,
             conn_buffer_budget: 32 << 20,
+            io_poll_us: 0,
         }
     }
 }

@@ -295,10 +295,11 @@ async fn accept_loop(me: std::sync::Weak<TcpTarget>, sock: TcpListener, listen: 
             },
         );
         let conns = t.conns.clone();
+        let poll = Duration::from_micros(t.target.opts().io_poll_us as u64);
         drop(t);
         tokio::spawn(async move {
             debug!(%peer, "connection accepted");
-            let r = drive(stream, conn, &conns, id).await;
+            let r = drive(stream, conn, &conns, id, poll).await;
             conns.lock().remove(&id);
             match r {
                 Ok(()) => debug!(%peer, "connection closed"),
@@ -314,6 +315,7 @@ async fn drive(
     mut conn: Connection,
     conns: &Mutex<BTreeMap<u64, ConnEntry>>,
     id: u64,
+    poll: Duration,
 ) -> std::io::Result<()> {
     let sink = Arc::new(ConnSink::default());
     let sink_dyn: Arc<dyn IoSink> = sink.clone();
@@ -326,6 +328,7 @@ async fn drive(
     let mut identified = false;
     let mut drain_until: Option<Instant> = None;
     let mut stop_reading = false;
+    let mut io_queue = false;
     let mut eof = false;
     // Stop reading while this much output is queued (the peer is not reading).
     const OUTPUT_HIGH_WATER: usize = 4 << 20;
@@ -388,6 +391,7 @@ async fn drive(
         }
         if !identified {
             if let Some(i) = conn.identity() {
+                io_queue = i.qid != 0;
                 if let Some(e) = conns.lock().get_mut(&id) {
                     e.identity = Some(i);
                 }
@@ -455,7 +459,32 @@ async fn drive(
             tokio::task::yield_now().await;
             continue;
         }
-        // 4. Sleep until the socket, a completion or a close request wakes us.
+        // 4. Busy-poll the socket for a while (I/O queues, when configured),
+        if !poll.is_zero() && !eof && conn.pending_output() == 0 && filled < rbuf.len() && io_queue
+        {
+            match poll_socket(
+                &stream,
+                &mut rbuf[filled..],
+                &sink,
+                &qctl,
+                Instant::now() + poll,
+            ) {
+                Polled::Data(n) => {
+                    filled += n;
+                    // This path skips the waits below: take part in tokio's
+                    // cooperative budget so that other tasks still run.
+                    tokio::task::consume_budget().await;
+                    continue;
+                }
+                Polled::Eof => {
+                    eof = true;
+                    continue;
+                }
+                Polled::Event => continue,
+                Polled::Quiet => {}
+            }
+        }
+        // 5. then sleep until the socket, a completion or a close request wakes us.
         sink.waiting.store(true, Ordering::SeqCst);
         if !sink.queue.lock().is_empty() {
             sink.waiting.store(false, Ordering::SeqCst);
@@ -494,6 +523,62 @@ async fn drive(
         .into_std()
         .map(|s| s.shutdown(std::net::Shutdown::Both));
     result
+}
+
+/// What busy-polling a socket found.
+enum Polled {
+    /// Bytes received (already in the buffer).
+    Data(usize),
+    Eof,
+    /// A completion or a close request arrived (or a socket error, which the
+    /// normal read path reports).
+    Event,
+    /// Nothing within the window.
+    Quiet,
+}
+
+/// Receives without waiting until bytes arrive, a completion or a close
+/// request shows up, or `until` passes. Reads the socket directly (tokio only
+/// learns of new data from epoll, which this avoids); the readiness tokio
+/// then gets costs one spurious wake-up later, after the window.
+fn poll_socket(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    sink: &ConnSink,
+    qctl: &super::ctrlr::QueueCtl,
+    until: Instant,
+) -> Polled {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let mut spins = 0u32;
+    loop {
+        // SAFETY: `fd` is the open socket `stream` owns for the whole call, and
+        // `buf` is valid for writes of `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            return Polled::Data(n as usize);
+        }
+        if n == 0 {
+            return Polled::Eof;
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ) {
+            return Polled::Event;
+        }
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(16) {
+            if !sink.queue.lock().is_empty() || qctl.is_closing() {
+                return Polled::Event;
+            }
+            if Instant::now() >= until {
+                return Polled::Quiet;
+            }
+        }
+        std::hint::spin_loop();
+    }
 }
 
 fn break_with(eof: &mut bool, e: std::io::Error) {
