@@ -358,6 +358,14 @@ async fn detach_of_a_hung_target_times_out_with_deleting_state() {
     let tgt = Dp::start(&tmp.path().join("t")).await;
     let host = Dp::start(&tmp.path().join("h")).await;
     let port = tgt.serve_malloc(SUB, "m1", 16, 0, true).await;
+    // Admin commands to the hung target wait 15 s, so that the graceful part of
+    // the detach outlasts the RPC's 10 s wait (with SPDK's default of 10 s the
+    // two race and either answer is right).
+    host.ok(
+        "bdev_nvme_set_options",
+        json!({"timeout_admin_us": 15_000_000}),
+    )
+    .await;
     host.ok(
         "bdev_nvme_attach_controller",
         attach("r1", port, SUB, HOST1, "disable"),

@@ -158,6 +158,8 @@ pub struct NvmeOptions {
     pub fast_io_fail_timeout_sec: u32,
     pub keep_alive_timeout_ms: u32,
     pub timeout_us: u64,
+    /// Bound of each admin command (SPDK's name); 0 = the default (10 s).
+    pub timeout_admin_us: u64,
     pub transport_retry_count: u8,
     pub bdev_retry_count: i32,
 }
@@ -170,6 +172,7 @@ impl Default for NvmeOptions {
             fast_io_fail_timeout_sec: 0,
             keep_alive_timeout_ms: 10_000,
             timeout_us: 0,
+            timeout_admin_us: 0,
             transport_retry_count: 4,
             bdev_retry_count: 3,
         }

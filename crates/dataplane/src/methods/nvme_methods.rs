@@ -122,6 +122,9 @@ pub async fn attach(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     if g.timeout_us > 0 {
         o.io_timeout = Duration::from_micros(g.timeout_us);
     }
+    if g.timeout_admin_us > 0 {
+        o.admin_timeout = Duration::from_micros(g.timeout_admin_us);
+    }
     if let Some(ms) = a.corral_io_timeout_ms.filter(|&m| m > 0) {
         o.io_timeout = Duration::from_millis(ms);
     }
