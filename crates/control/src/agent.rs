@@ -77,7 +77,15 @@ pub struct Agent {
     fault: Mutex<Option<String>>,
     /// Serialises operations on one volume's engine or one replica.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Identifies this agent process.
+    instance: String,
+    /// What the agent did on its own, for the manager to turn into events.
+    own_events: Mutex<std::collections::VecDeque<(u64, StepEvent)>>,
+    event_seq: std::sync::atomic::AtomicU64,
 }
+
+/// Events the agent keeps for the manager to pick up.
+const OWN_EVENTS_KEPT: usize = 200;
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,7 +112,22 @@ impl Agent {
             seen: Mutex::new(HashMap::new()),
             fault: Mutex::new(fault),
             locks: Mutex::new(HashMap::new()),
+            instance: uuid::Uuid::new_v4().to_string(),
+            own_events: Mutex::new(std::collections::VecDeque::new()),
+            event_seq: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    fn record_own(&self, e: StepEvent) {
+        let seq = self
+            .event_seq
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let mut q = self.own_events.lock();
+        q.push_back((seq, e));
+        while q.len() > OWN_EVENTS_KEPT {
+            q.pop_front();
+        }
     }
 
     fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -1079,6 +1102,8 @@ impl Agent {
             .collect();
         Ok(AgentStatus {
             controllers,
+            agent_instance: self.instance.clone(),
+            events: self.own_events.lock().iter().cloned().collect(),
             node: self.cfg.node.clone(),
             address: self.cfg.address.clone(),
             dataplane_instance: format!("{}-{}", info["pid"], info["started"]),
@@ -1234,12 +1259,14 @@ impl Agent {
                 match r {
                     Ok(_) => {
                         info!(kind, name = %o.name, age = o.age_secs, "orphan collected");
-                        ev.push(step(
+                        let e = step(
                             kind,
                             &o.name,
                             "collected",
                             &format!("orphan for {} s: {}", o.age_secs, o.detail),
-                        ));
+                        );
+                        self.record_own(e.clone());
+                        ev.push(e);
                     }
                     Err(e) => warn!(kind, name = %o.name, "orphan collection failed: {e}"),
                 }

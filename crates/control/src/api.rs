@@ -155,6 +155,12 @@ pub struct AgentStatus {
     /// Every NVMe/TCP controller of the dataplane (name, state, host NQN, target).
     #[serde(default)]
     pub controllers: Vec<ControllerInfo>,
+    /// Identifies this agent process (events are numbered per process).
+    #[serde(default)]
+    pub agent_instance: String,
+    /// What the agent did on its own (orphan collection), numbered, newest last.
+    #[serde(default)]
+    pub events: Vec<(u64, StepEvent)>,
 }
 
 /// A host controller in the node's dataplane.

@@ -99,6 +99,8 @@ pub struct Manager {
     vol_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub wake: Notify,
     pub attach_attempts: Mutex<HashMap<String, u64>>,
+    /// Per node: (agent instance, last agent event turned into an event).
+    agent_events_seen: Mutex<HashMap<String, (String, u64)>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -146,6 +148,7 @@ impl Manager {
             vol_locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             attach_attempts: Mutex::new(HashMap::new()),
+            agent_events_seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -360,6 +363,7 @@ impl Manager {
                         );
                     }
                     self.record_health(&n.name, &st);
+                    self.agent_events(&n.name, &st);
                     self.status
                         .lock()
                         .insert(n.name.clone(), (st, Instant::now()));
@@ -384,6 +388,31 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Turns what an agent did on its own (orphan collection) into events, once.
+    fn agent_events(&self, node: &str, st: &AgentStatus) {
+        let fresh: Vec<StepEvent> = {
+            let mut seen = self.agent_events_seen.lock();
+            let e = seen
+                .entry(node.to_string())
+                .or_insert_with(|| (st.agent_instance.clone(), 0));
+            if e.0 != st.agent_instance {
+                *e = (st.agent_instance.clone(), 0);
+            }
+            let last = e.1;
+            let new: Vec<StepEvent> = st
+                .events
+                .iter()
+                .filter(|(s, _)| *s > last)
+                .map(|(_, ev)| ev.clone())
+                .collect();
+            if let Some((s, _)) = st.events.last() {
+                e.1 = e.1.max(*s);
+            }
+            new
+        };
+        self.emit_steps(&fresh);
     }
 
     /// I5: a replica the engine's raid dropped (live status or the durable
@@ -1444,9 +1473,9 @@ impl Manager {
                     None::<&()>,
                 )
                 .await?;
-            if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(r["events"].clone()) {
+            // The events themselves arrive with the agent's next status (once).
+            if let Some(ev) = r["events"].as_array() {
                 n += ev.len();
-                self.emit_steps(&ev);
             }
         }
         Ok(n)

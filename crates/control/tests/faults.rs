@@ -438,3 +438,84 @@ async fn attach_latency_does_not_grow_with_volumes() {
     }
     no_orphans(&c).await;
 }
+
+/// I3. Resources that follow corral's naming but that nothing live owns are
+/// listed with their age and collected after the grace period; a live engine's
+/// resources are never listed, and resources outside the scheme are never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_listed_then_collected_after_the_grace_period() {
+    let c = common::Cluster::start_full(2, 9, false, Duration::from_secs(4)).await;
+    let m = &c.manager;
+    m.create_volume("o1", 32 << 20, 2).unwrap();
+    c.wait_state("o1", VolumeState::Detached, Duration::from_secs(30))
+        .await;
+    attach(&c, "o1", "node1");
+    let v = c
+        .wait_state("o1", VolumeState::Attached, Duration::from_secs(60))
+        .await;
+    qemu_io(&v.endpoint.clone().unwrap(), &["write -P 0x99 0 1M".into()]).unwrap();
+    let a = c.nodes[0].dpc();
+    // Leftovers of a volume the manager never heard of, and one foreign bdev.
+    a.call("bdev_lvol_create", json!({"lvol_name": "ghost-r0000beef", "size_in_mib": 8, "thin_provision": true, "lvs_name": "disk0"})).await.unwrap();
+    let ghost_nqn = control::naming::replica_nqn("ghost-r0000beef");
+    a.call(
+        "nvmf_create_subsystem",
+        json!({"nqn": ghost_nqn, "allow_any_host": false}),
+    )
+    .await
+    .unwrap();
+    a.call(
+        "bdev_malloc_create",
+        json!({"name": "not-ours", "num_blocks": 2048, "block_size": 512}),
+    )
+    .await
+    .unwrap();
+    // Listed, with an age, through the manager.
+    c.wait("orphans listed", Duration::from_secs(15), |m| {
+        let o = m.orphans();
+        o.iter()
+            .any(|(_, o)| o.kind == "lvol" && o.name.contains("ghost-r0000beef"))
+            && o.iter()
+                .any(|(_, o)| o.kind == "subsystem" && o.name == ghost_nqn)
+    })
+    .await;
+    assert!(
+        !m.orphans().iter().any(|(_, o)| o.name.contains("o1")),
+        "a live engine's resources are not orphans: {:?}",
+        m.orphans()
+    );
+    assert!(
+        m.metrics()
+            .contains("corral_orphan_resources{kind=\"lvol\"} 1"),
+        "{}",
+        m.metrics()
+    );
+    // Collected after the grace period (4 s here), by the agent on its own.
+    c.wait("orphans collected", Duration::from_secs(40), |m| {
+        m.orphans().is_empty()
+    })
+    .await;
+    let lv = a
+        .call("bdev_lvol_get_lvols", json!({"lvs_name": "disk0"}))
+        .await
+        .unwrap();
+    assert!(!lv
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["name"] == "ghost-r0000beef"));
+    assert!(
+        a.call("bdev_get_bdevs", json!({"name": "not-ours"}))
+            .await
+            .is_ok(),
+        "not ours: never touched"
+    );
+    // The volume still works, with its data.
+    qemu_io(&v.endpoint.unwrap(), &["read -P 0x99 0 1M".into()]).unwrap();
+    assert!(
+        c.events()
+            .iter()
+            .any(|e| e.reason == "OrphanCollected" || e.message.contains("collected")),
+        "no event for the collection"
+    );
+}

@@ -236,6 +236,11 @@ impl Cluster {
 
     /// With `procs`, agents run as `corral agent` processes (for crash tests).
     pub async fn start_with(n: usize, tag: u8, procs: bool) -> Cluster {
+        Self::start_full(n, tag, procs, Duration::from_secs(3600)).await
+    }
+
+    /// With an orphan grace period for the agents (in-process agents only).
+    pub async fn start_full(n: usize, tag: u8, procs: bool, grace: Duration) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let net = subnet(tag);
         let store = Store::open(&dir.path().join("manager.redb")).unwrap();
@@ -259,7 +264,8 @@ impl Cluster {
             let dp = DpProc::start(&nd);
             let disk = nd.join("disk0");
             let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let cfg = agent_config(&name, &address, &dp.sock, &disk, listen);
+            let mut cfg = agent_config(&name, &address, &dp.sock, &disk, listen);
+            cfg.orphan_grace = grace;
             // The in-process agent object is kept for convenience calls; when
             // agents are processes it serves no API (port 0 is never used).
             let (agent, agent_task, agent_proc) = if procs {
