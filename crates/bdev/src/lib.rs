@@ -14,6 +14,7 @@ pub mod ext;
 pub mod file;
 pub mod io;
 pub mod malloc;
+pub mod outbox;
 pub mod registry;
 pub mod uring;
 

@@ -317,16 +317,7 @@ impl Agent {
         self.fault_point("replica.lvol");
         // subsystem, namespace, listener, allow-list
         let nqn = naming::replica_nqn(&spec.name);
-        let subs = self
-            .call("nvmf_get_subsystems", json!({}))
-            .await
-            .map_err(|e| StepError::new("list subsystems", e))?;
-        let entry = subs
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["nqn"] == nqn.as_str())
-            .cloned();
+        let entry = self.find_subsystem(&nqn).await?;
         let port = self.cfg.nvmf_port.to_string();
         let plan = converge::replica_subsystem(
             entry.as_ref(),
@@ -363,36 +354,8 @@ impl Agent {
             .await
             .map_err(|e| StepError::new(format!("restrict {nqn}"), e))?;
         }
-        for nsid in &plan.remove_ns {
-            self.call(
-                "nvmf_subsystem_remove_ns",
-                json!({"nqn": nqn, "nsid": nsid}),
-            )
-            .await
-            .map_err(|e| StepError::new(format!("remove stray namespace {nsid} of {nqn}"), e))?;
-            ev.push(step(
-                "namespace",
-                &nqn,
-                "replaced",
-                &format!("nsid {nsid} exposed another bdev"),
-            ));
-        }
-        if plan.add_ns {
-            self.call(
-                "nvmf_subsystem_add_ns",
-                json!({"nqn": nqn, "namespace": {"bdev_name": alias}}),
-            )
-            .await
-            .map_err(|e| StepError::new(format!("add namespace {alias} to {nqn}"), e))?;
-        }
-        if plan.add_listener {
-            self.call(
-                "nvmf_subsystem_add_listener",
-                json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": self.cfg.address, "trsvcid": port}}),
-            )
-            .await
-            .map_err(|e| StepError::new(format!("listen {nqn} on {}:{port}", self.cfg.address), e))?;
-        }
+        self.apply_ns_and_listener(&nqn, &plan, &alias, &port, &mut ev)
+            .await?;
         for h in &plan.remove_hosts {
             // Removing a host disconnects its controllers: an older engine is fenced off.
             self.call("nvmf_subsystem_remove_host", json!({"nqn": nqn, "host": h}))
@@ -412,6 +375,63 @@ impl Agent {
         }
         let st = self.replica_status(&spec.name, &spec.disk).await?;
         Ok((st, ev))
+    }
+
+    /// The subsystem `nqn` as `nvmf_get_subsystems` shows it, if it exists.
+    async fn find_subsystem(&self, nqn: &str) -> StepResult<Option<Value>> {
+        let subs = self
+            .call("nvmf_get_subsystems", json!({}))
+            .await
+            .map_err(|e| StepError::new("list subsystems", e))?;
+        Ok(subs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["nqn"] == nqn)
+            .cloned())
+    }
+
+    /// Applies the namespace and listener part of a subsystem plan: stray
+    /// namespaces removed (an event each), `bdev` added, the listener added.
+    async fn apply_ns_and_listener(
+        &self,
+        nqn: &str,
+        plan: &converge::SubsystemPlan,
+        bdev: &str,
+        port: &str,
+        ev: &mut Vec<StepEvent>,
+    ) -> StepResult<()> {
+        for nsid in &plan.remove_ns {
+            self.call(
+                "nvmf_subsystem_remove_ns",
+                json!({"nqn": nqn, "nsid": nsid}),
+            )
+            .await
+            .map_err(|e| StepError::new(format!("remove stray namespace {nsid} of {nqn}"), e))?;
+            ev.push(step(
+                "namespace",
+                nqn,
+                "replaced",
+                &format!("nsid {nsid} exposed another bdev"),
+            ));
+        }
+        if plan.add_ns {
+            self.call(
+                "nvmf_subsystem_add_ns",
+                json!({"nqn": nqn, "namespace": {"bdev_name": bdev}}),
+            )
+            .await
+            .map_err(|e| StepError::new(format!("add namespace {bdev} to {nqn}"), e))?;
+        }
+        if plan.add_listener {
+            self.call(
+                "nvmf_subsystem_add_listener",
+                json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": self.cfg.address, "trsvcid": port}}),
+            )
+            .await
+            .map_err(|e| StepError::new(format!("listen {nqn} on {}:{port}", self.cfg.address), e))?;
+        }
+        Ok(())
     }
 
     async fn ensure_transport(&self) -> StepResult<()> {
@@ -744,16 +764,7 @@ impl Agent {
             Frontend::Nvmf => {
                 self.ensure_transport().await?;
                 let nqn = naming::volume_nqn(volume);
-                let subs = self
-                    .call("nvmf_get_subsystems", json!({}))
-                    .await
-                    .map_err(|e| StepError::new("list subsystems", e))?;
-                let entry = subs
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|s| s["nqn"] == nqn.as_str())
-                    .cloned();
+                let entry = self.find_subsystem(&nqn).await?;
                 let port = self.cfg.frontend_port.to_string();
                 let plan = converge::replica_subsystem(
                     entry.as_ref(),
@@ -770,30 +781,8 @@ impl Agent {
                 } else {
                     ev.push(step("frontend", volume, "adopted", "nvmf"));
                 }
-                for nsid in &plan.remove_ns {
-                    let _ = self
-                        .call(
-                            "nvmf_subsystem_remove_ns",
-                            json!({"nqn": nqn, "nsid": nsid}),
-                        )
-                        .await;
-                }
-                if plan.add_ns {
-                    self.call(
-                        "nvmf_subsystem_add_ns",
-                        json!({"nqn": nqn, "namespace": {"bdev_name": raid}}),
-                    )
-                    .await
-                    .map_err(|e| StepError::new(format!("add {raid} to {nqn}"), e))?;
-                }
-                if plan.add_listener {
-                    self.call(
-                        "nvmf_subsystem_add_listener",
-                        json!({"nqn": nqn, "listen_address": {"trtype": "TCP", "adrfam": "IPv4", "traddr": self.cfg.address, "trsvcid": port}}),
-                    )
-                    .await
-                    .map_err(|e| StepError::new(format!("listen {nqn}"), e))?;
-                }
+                self.apply_ns_and_listener(&nqn, &plan, &raid, &port, ev)
+                    .await?;
                 Ok(format!("nvme+tcp://{}:{}/{}", self.cfg.address, port, nqn))
             }
         }

@@ -9,37 +9,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_err, Dp};
+use common::{assert_err, free_port, qemu_io, Dp};
 use serde_json::{json, Value};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String, String> {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    c.arg(uri);
-    let o = c.output().expect("qemu-io (package qemu-utils)");
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed")
-    {
-        Ok(out)
-    } else {
-        Err(out)
-    }
-}
 
 async fn export(dp: &Dp, name: &str, bdev: &str, port: u16) -> String {
     let r = dp

@@ -7,37 +7,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{assert_err, Dp};
+use common::{assert_err, free_port, qemu_io, Dp};
 use serde_json::{json, Value};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    c.arg(uri);
-    let o = c.output().expect("qemu-io (package qemu-utils)");
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (
-        o.status.success()
-            && !out.contains("Pattern verification failed")
-            && !out.contains("failed"),
-        out,
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbd_export_of_malloc_and_file() {
@@ -72,7 +43,7 @@ async fn nbd_export_of_malloc_and_file() {
         .await
         .unwrap_err();
     assert!(e.message.contains("nbd vol"), "{e:?}");
-    let (ok, out) = qemu_io(
+    let r = qemu_io(
         &uri,
         &[
             "write -P 0xab 0 1M",
@@ -82,7 +53,7 @@ async fn nbd_export_of_malloc_and_file() {
             "read -P 0 8M 4k",
         ],
     );
-    assert!(ok, "{out}");
+    assert!(r.is_ok(), "{r:?}");
     // The data really is in the bdev: a second export of another bdev is independent.
     let f = tmp.path().join("f.img");
     std::fs::File::create(&f).unwrap().set_len(8 << 20).unwrap();

@@ -19,10 +19,10 @@
 //! - A malformed request header (bad magic) ends the connection; every other
 //!   bad request gets its NBD error and the connection goes on.
 
-use std::collections::VecDeque;
 use std::io::{IoSlice, Write};
 
 use bdev::buf::BufPool;
+use bdev::outbox::Outbox;
 use bdev::{BdevIo, BdevRef, IoBuf, IoError, IoKind};
 use tracing::{debug, warn};
 
@@ -124,78 +124,6 @@ enum Rx {
     Stopped,
 }
 
-/// A piece of pending output.
-#[derive(Debug, Clone, Copy)]
-enum Seg {
-    /// Bytes in the arena, by absolute position.
-    Arena { start: usize, end: usize },
-    /// Bytes of a slot's buffer (read data).
-    Slot { idx: u16, start: u32, end: u32 },
-    /// Once everything before this is written, the slot is free again.
-    Release(u16),
-}
-
-/// Pending output: reply headers in an arena, read data by reference.
-#[derive(Debug, Default)]
-struct Outbox {
-    arena: Vec<u8>,
-    /// Absolute position of arena[0].
-    base: usize,
-    segs: VecDeque<Seg>,
-    /// Bytes of `segs.front()` already written.
-    head_off: usize,
-    /// Bytes queued and not yet written.
-    pending: usize,
-}
-
-impl Outbox {
-    fn abs_end(&self) -> usize {
-        self.base + self.arena.len()
-    }
-    /// Appends bytes written by `f` to the arena, merged with the previous arena
-    /// segment when contiguous so that consecutive replies form one iovec.
-    fn push_with(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.abs_end();
-        f(&mut self.arena);
-        let end = self.abs_end();
-        if end == start {
-            return;
-        }
-        self.pending += end - start;
-        if let Some(Seg::Arena { end: e, .. }) = self.segs.back_mut() {
-            if *e == start {
-                *e = end;
-                return;
-            }
-        }
-        self.segs.push_back(Seg::Arena { start, end });
-    }
-    fn push_slot(&mut self, idx: u16, start: u32, end: u32) {
-        if end > start {
-            self.pending += (end - start) as usize;
-            self.segs.push_back(Seg::Slot { idx, start, end });
-        }
-    }
-    /// Drops arena bytes no segment refers to any more.
-    fn compact(&mut self) {
-        let first = self.segs.iter().find_map(|s| match s {
-            Seg::Arena { start, .. } => Some(*start),
-            _ => None,
-        });
-        match first {
-            None => {
-                self.base = self.abs_end();
-                self.arena.clear();
-            }
-            Some(start) if start - self.base > 64 * 1024 => {
-                self.arena.drain(..start - self.base);
-                self.base = start;
-            }
-            _ => {}
-        }
-    }
-}
-
 /// One connection in the transmission phase.
 pub struct Transmission {
     bdev: BdevRef,
@@ -231,7 +159,7 @@ impl std::fmt::Debug for Transmission {
             .field("mode", &self.mode)
             .field("rx", &self.rx)
             .field("executing", &self.executing)
-            .field("pending_output", &self.out.pending)
+            .field("pending_output", &self.out.pending())
             .finish()
     }
 }
@@ -274,11 +202,7 @@ impl Transmission {
                 .collect(),
             free: (0..n).rev().collect(),
             executing: 0,
-            out: Outbox {
-                arena: Vec::with_capacity(64 * 1024),
-                segs: VecDeque::with_capacity(4 * n as usize),
-                ..Default::default()
-            },
+            out: Outbox::with_capacity(64 * 1024, 4 * n as usize),
             pool: BufPool::new(4 << 20, n as usize),
             mem_in_use: 0,
             stalled: false,
@@ -300,7 +224,7 @@ impl Transmission {
     }
     /// Bytes of replies waiting to be written.
     pub fn pending_output(&self) -> usize {
-        self.out.pending
+        self.out.pending()
     }
     /// Requests handed to the bdev and not yet completed.
     pub fn executing(&self) -> usize {
@@ -324,11 +248,11 @@ impl Transmission {
         match self.mode {
             Mode::Running => false,
             Mode::Failed(_) => true,
-            Mode::Aborted => self.out.pending == 0,
-            Mode::Disconnecting => self.executing == 0 && self.out.pending == 0,
+            Mode::Aborted => self.out.pending() == 0,
+            Mode::Disconnecting => self.executing == 0 && self.out.pending() == 0,
             Mode::Draining => {
                 self.executing == 0
-                    && self.out.pending == 0
+                    && self.out.pending() == 0
                     && matches!(self.rx, Rx::Header | Rx::Stopped)
             }
         }
@@ -718,7 +642,7 @@ impl Transmission {
                     }
                 });
                 self.out.push_slot(idx, 0, req.length);
-                self.out.segs.push_back(Seg::Release(idx));
+                self.out.push_release(idx);
             }
             IoKind::WriteZeroes | IoKind::Unmap if s.flush_after => {
                 s.flush_after = false;
@@ -824,60 +748,21 @@ impl Transmission {
 
     /// Fills `iov` with pending output, in order; returns how many were filled.
     pub fn fill_iovecs<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        let mut first = true;
-        for seg in self.out.segs.iter() {
-            if n == iov.len() {
-                break;
-            }
-            let skip = if first { self.out.head_off } else { 0 };
-            let bytes: &[u8] = match *seg {
-                Seg::Arena { start, end } => {
-                    &self.out.arena[start - self.out.base + skip..end - self.out.base]
-                }
-                Seg::Slot { idx, start, end } => {
-                    &self.slots[idx as usize].buf[start as usize + skip..end as usize]
-                }
-                Seg::Release(_) => continue,
-            };
-            first = false;
-            if !bytes.is_empty() {
-                iov[n] = IoSlice::new(bytes);
-                n += 1;
-            }
-        }
-        n
+        self.out
+            .fill_iovecs(iov, |idx| &self.slots[idx as usize].buf[..])
     }
 
     /// Marks `written` bytes of output as sent, freeing read slots whose data
     /// is out.
     pub fn consume_output(&mut self, mut written: usize) {
-        self.out.pending -= written.min(self.out.pending);
-        while let Some(seg) = self.out.segs.front().copied() {
-            let len = match seg {
-                Seg::Release(idx) => {
-                    self.out.segs.pop_front();
-                    self.release(idx);
-                    continue;
-                }
-                Seg::Arena { start, end } => end - start,
-                Seg::Slot { start, end, .. } => (end - start) as usize,
-            };
-            let left = len - self.out.head_off;
-            if written < left {
-                self.out.head_off += written;
-                break;
-            }
-            written -= left;
-            self.out.head_off = 0;
-            self.out.segs.pop_front();
+        while let Some(idx) = self.out.consume(&mut written) {
+            self.release(idx);
         }
-        self.out.compact();
     }
 
     /// Collects all pending output into one buffer (tests and tools).
     pub fn take_output(&mut self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.out.pending);
+        let mut v = Vec::with_capacity(self.out.pending());
         loop {
             let total = {
                 let mut iov = [IoSlice::new(&[]); 64];

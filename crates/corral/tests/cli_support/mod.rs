@@ -7,17 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn corral_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_corral")
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../common/util.rs"]
+mod util;
+#[allow(unused_imports)] // not every test binary uses every helper
+pub use util::{corral_bin, free_port, qemu_io};
 
 /// A loopback /24 per test process and tag, so parallel tests never share addresses.
 pub fn prefix(tag: u8) -> String {
@@ -275,28 +268,6 @@ pub fn assert_no_processes_left(needle: &str, t: Duration) {
             panic!("processes left behind: {left:#?}");
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// qemu-io on an NBD URI; Ok(output) when every command ran and verified.
-pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String, String> {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    c.arg(uri);
-    let o = c.output().map_err(|e| format!("qemu-io: {e}"))?;
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed")
-    {
-        Ok(out)
-    } else {
-        Err(out)
     }
 }
 

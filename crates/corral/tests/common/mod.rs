@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use dataplane::rpc::{RpcClient, RpcError};
 use serde_json::{json, Value};
 
-pub fn corral_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_corral")
-}
+mod util;
+#[allow(unused_imports)] // not every test binary uses every helper
+pub use util::{corral_bin, free_port, qemu_io};
 
 /// A `corral dataplane` process; killed on drop.
 pub struct Dp {

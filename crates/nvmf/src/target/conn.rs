@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bdev::buf::BufPool;
+use bdev::outbox::Outbox;
 use bdev::{BdevIo, BdevRef, IoBuf, IoError, IoKind};
 use nvme_wire::cqe::Cqe;
 use nvme_wire::digest::DataDigest;
@@ -115,81 +116,6 @@ impl Slot {
             digest_err: false,
             dsm_next: 0,
             charged: 0,
-        }
-    }
-}
-
-/// A piece of pending output.
-#[derive(Debug, Clone, Copy)]
-enum Seg {
-    /// Bytes in the arena, by absolute position.
-    Arena { start: usize, end: usize },
-    /// Bytes of a slot's data buffer (read data going to the host).
-    Slot { idx: u16, start: u32, end: u32 },
-    /// Once everything before this is written, the slot is free again.
-    Release(u16),
-}
-
-/// Pending output: headers and small data in an arena, read data by reference.
-#[derive(Debug, Default)]
-struct Outbox {
-    arena: Vec<u8>,
-    /// Absolute position of arena[0].
-    base: usize,
-    segs: VecDeque<Seg>,
-    /// Bytes of `segs.front()` already written.
-    head_off: usize,
-    /// Total bytes queued and not yet written.
-    pending: usize,
-}
-
-impl Outbox {
-    fn abs_end(&self) -> usize {
-        self.base + self.arena.len()
-    }
-    /// Appends bytes written by `f` into the arena as one segment (merged with the
-    /// previous arena segment when contiguous, so headers coalesce into one iovec).
-    fn push_with(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.abs_end();
-        f(&mut self.arena);
-        let end = self.abs_end();
-        if end == start {
-            return;
-        }
-        self.pending += end - start;
-        if let Some(Seg::Arena { end: e, .. }) = self.segs.back_mut() {
-            if *e == start {
-                *e = end;
-                return;
-            }
-        }
-        self.segs.push_back(Seg::Arena { start, end });
-    }
-    fn push_slot(&mut self, idx: u16, start: u32, end: u32) {
-        if end > start {
-            self.pending += (end - start) as usize;
-            self.segs.push_back(Seg::Slot { idx, start, end });
-        }
-    }
-    fn push_release(&mut self, idx: u16) {
-        self.segs.push_back(Seg::Release(idx));
-    }
-    /// Drops arena bytes no segment refers to any more.
-    fn compact(&mut self) {
-        let first = self.segs.iter().find_map(|s| match s {
-            Seg::Arena { start, .. } => Some(*start),
-            _ => None,
-        });
-        match first {
-            None => {
-                self.base = self.abs_end();
-                self.arena.clear();
-            }
-            Some(start) if start - self.base > 64 * 1024 => {
-                self.arena.drain(..start - self.base);
-                self.base = start;
-            }
-            _ => {}
         }
     }
 }
@@ -322,7 +248,7 @@ impl Connection {
     }
     /// Bytes waiting to be written.
     pub fn pending_output(&self) -> usize {
-        self.out.pending
+        self.out.pending()
     }
     /// Commands handed to bdevs and not yet completed.
     pub fn executing(&self) -> usize {
@@ -1233,68 +1159,20 @@ impl Connection {
 
     /// Fills `iov` with the pending output, in order. Returns how many were filled.
     pub fn fill_iovecs<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        let mut first = true;
-        for seg in self.out.segs.iter() {
-            if n == iov.len() {
-                break;
-            }
-            let skip = if first { self.out.head_off } else { 0 };
-            let bytes: &[u8] = match *seg {
-                Seg::Arena { start, end } => {
-                    &self.out.arena[start - self.out.base + skip..end - self.out.base]
-                }
-                Seg::Slot { idx, start, end } => {
-                    &self.slots[idx as usize].buf[start as usize + skip..end as usize]
-                }
-                Seg::Release(_) => continue,
-            };
-            first = false;
-            if !bytes.is_empty() {
-                iov[n] = IoSlice::new(bytes);
-                n += 1;
-            }
-        }
-        n
+        self.out
+            .fill_iovecs(iov, |idx| &self.slots[idx as usize].buf[..])
     }
 
     /// Marks `written` bytes of output as sent, releasing slots whose output is done.
     pub fn consume_output(&mut self, mut written: usize, actions: &mut Vec<Action>) {
-        self.out.pending -= written.min(self.out.pending);
-        while let Some(seg) = self.out.segs.front().copied() {
-            match seg {
-                Seg::Release(idx) => {
-                    self.out.segs.pop_front();
-                    self.release(idx, actions);
-                }
-                Seg::Arena { start, end } => {
-                    let left = end - start - self.out.head_off;
-                    if written < left {
-                        self.out.head_off += written;
-                        break;
-                    }
-                    written -= left;
-                    self.out.head_off = 0;
-                    self.out.segs.pop_front();
-                }
-                Seg::Slot { start, end, .. } => {
-                    let left = (end - start) as usize - self.out.head_off;
-                    if written < left {
-                        self.out.head_off += written;
-                        break;
-                    }
-                    written -= left;
-                    self.out.head_off = 0;
-                    self.out.segs.pop_front();
-                }
-            }
+        while let Some(idx) = self.out.consume(&mut written) {
+            self.release(idx, actions);
         }
-        self.out.compact();
     }
 
     /// Collects all output into one buffer (tests and tools; the driver uses iovecs).
     pub fn take_output(&mut self, actions: &mut Vec<Action>) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.out.pending);
+        let mut v = Vec::with_capacity(self.out.pending());
         loop {
             let total = {
                 let mut iov = [IoSlice::new(&[]); 64];

@@ -1,0 +1,41 @@
+//! Small helpers shared by the dataplane tests (`common`) and the CLI tests
+//! (`cli_support`): free ports, the corral binary, qemu-io runs.
+
+use std::process::Command;
+
+pub fn corral_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_corral")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// qemu-io on an NBD URI; Ok(output) when every command ran and verified.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String, String> {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri);
+    let o = c
+        .output()
+        .map_err(|e| format!("qemu-io (package qemu-utils): {e}"))?;
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if o.status.success() && !out.contains("Pattern verification failed") && !out.contains("failed")
+    {
+        Ok(out)
+    } else {
+        Err(out)
+    }
+}
