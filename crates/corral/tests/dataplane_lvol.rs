@@ -143,6 +143,7 @@ async fn snapshot_clone_revert_delete_through_nbd() {
             "--bs=4k",
             "--iodepth=8",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--offset=32M",
             "--size=16M",

@@ -84,6 +84,7 @@ async fn raid1_over_nvme_kill_rebuild_and_crash() {
             "--bs=4k",
             "--iodepth=8",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--offset=0",
             "--size=16M",

@@ -398,6 +398,7 @@ impl Fio {
                 "--bs=4k",
                 "--iodepth=8",
                 "--verify=crc32c",
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--output-format=json",
             ])
