@@ -23,7 +23,7 @@ trap 'cleanup; rm -rf "$DIR"' EXIT INT TERM
 "$CORRAL" up --data-dir "$DIR" --nodes 3 --no-volume --manager-listen "127.0.0.1:$PORT" \
     --address-prefix 127.0.9 >"$DIR/up.out" 2>&1 &
 PIDS+=($!)
-for i in $(seq 100); do "$CORRAL" node ls -o json 2>/dev/null | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if len(n)==3 and all(x["ready"] for x in n) else 1)' && break; sleep 0.3; done
+for i in $(seq 100); do "$CORRAL" node ls -o json 2>/dev/null | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if len(n)==3 and all(x["ready"] for x in n) else 1)' 2>/dev/null && break; sleep 0.3; done
 for p in $(pgrep -f "corral (dataplane|agent|manager).*$DIR"); do pin_all "$p" 0; done
 q() { "$CORRAL" "$@" >/dev/null; }
 q volume create r3 --size 1GiB --replicas 3
@@ -38,7 +38,7 @@ NBD=$(free_port)
 "$CORRAL" rpc -s "$SOCK" bdev_lvol_create '{"lvol_name":"direct","size_in_mib":1024,"thin_provision":true,"lvs_name":"disk0"}' >/dev/null
 "$CORRAL" rpc -s "$SOCK" corral_nbd_start "{\"name\":\"direct\",\"bdev_name\":\"disk0/direct\",\"listen_address\":\"127.0.9.1:$NBD\"}" >/dev/null
 URI[lvol-direct]=nbd://127.0.9.1:$NBD/direct
-DEVICES="replicas-3 replicas-1 lvol-direct"
+DEVICES="lvol-direct replicas-3 replicas-1"
 # Fill every device so that reads read data, not holes.
 for d in $DEVICES; do
     taskset -c 1 fio --name=fill --ioengine=nbd --uri="${URI[$d]}" --rw=write --bs=1m --iodepth=4 --size=1G >/dev/null
@@ -85,7 +85,6 @@ done <<'JOBS'
 128k-read-16 read 128k 16
 128k-write-16 write 128k 16
 JOBS
-echo "(lvol-direct rows are measured last in each job, so their own ratio column is empty; read the others against them.)"
 echo
 
 # Attach / detach latency: CLI wall clock of `corral volume attach|detach` (which
