@@ -1131,8 +1131,11 @@ impl Agent {
                 }
             }
         }
-        let raids = &view.raids;
-        for r in raids.as_array().into_iter().flatten() {
+        // A raid is ours when its members are engine namespaces of replicas
+        // of the volume it is named after; an NBD export is ours only when it
+        // exports such a raid (anything else in the dataplane is not corral's).
+        let mut our_raids: Vec<&str> = Vec::new();
+        for r in view.raids.as_array().into_iter().flatten() {
             let name = r["name"].as_str().unwrap_or("");
             let ours = r["base_bdevs_list"]
                 .as_array()
@@ -1145,7 +1148,11 @@ impl Agent {
                         .and_then(naming::replica_volume)
                         == Some(name)
                 });
-            if ours && engine_epoch(name).is_none() {
+            if !ours {
+                continue;
+            }
+            our_raids.push(name);
+            if engine_epoch(name).is_none() {
                 out.push((
                     "raid",
                     name.to_string(),
@@ -1155,18 +1162,12 @@ impl Agent {
         }
         for x in view.nbd.as_array().into_iter().flatten() {
             let name = x["name"].as_str().unwrap_or("");
-            if engine_epoch(name).is_none()
-                && raids
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .all(|r| r["name"] != name || engine_epoch(name).is_none())
+            let bdev = x["bdev_name"].as_str().unwrap_or("");
+            if bdev == naming::raid_name(name)
+                && our_raids.contains(&bdev)
+                && engine_epoch(name).is_none()
             {
-                out.push((
-                    "nbd_export",
-                    name.to_string(),
-                    format!("bdev {}", x["bdev_name"].as_str().unwrap_or("?")),
-                ));
+                out.push(("nbd_export", name.to_string(), format!("bdev {bdev}")));
             }
         }
         for s in subs.as_array().into_iter().flatten() {

@@ -470,6 +470,20 @@ async fn orphans_are_listed_then_collected_after_the_grace_period() {
     )
     .await
     .unwrap();
+    // A foreign NBD export (of a foreign bdev) on the engine's own listener.
+    let ep = v.endpoint.clone().unwrap();
+    let listen = ep
+        .trim_start_matches("nbd://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    a.call(
+        "corral_nbd_start",
+        json!({"name": "not-ours", "bdev_name": "not-ours", "listen_address": listen}),
+    )
+    .await
+    .unwrap();
     // Listed, with an age, through the manager.
     c.wait("orphans listed", Duration::from_secs(15), |m| {
         let o = m.orphans();
@@ -480,7 +494,9 @@ async fn orphans_are_listed_then_collected_after_the_grace_period() {
     })
     .await;
     assert!(
-        !m.orphans().iter().any(|(_, o)| o.name.contains("o1")),
+        !m.orphans()
+            .iter()
+            .any(|(_, o)| o.name.contains("o1") || o.name == "not-ours"),
         "a live engine's resources are not orphans: {:?}",
         m.orphans()
     );
@@ -509,6 +525,15 @@ async fn orphans_are_listed_then_collected_after_the_grace_period() {
             .await
             .is_ok(),
         "not ours: never touched"
+    );
+    let exports = a.call("corral_nbd_list", json!({})).await.unwrap();
+    assert!(
+        exports
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "not-ours"),
+        "a foreign NBD export is never collected: {exports}"
     );
     // The volume still works, with its data.
     qemu_io(&v.endpoint.unwrap(), &["read -P 0x99 0 1M".into()]).unwrap();

@@ -595,6 +595,9 @@ async fn wait_volume(
 ) -> Result<Wait, CliError> {
     let t0 = Instant::now();
     let mut shown = String::new();
+    // Short polls first (most operations finish within a reconcile pass), then
+    // back off to 250 ms so that a long wait does not load the manager.
+    let mut poll = Duration::from_millis(10);
     loop {
         let d = match get_volume(c, what, name).await {
             Ok(d) => d,
@@ -651,7 +654,8 @@ async fn wait_volume(
                 )),
             });
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(Duration::from_millis(250));
     }
 }
 
