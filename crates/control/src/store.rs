@@ -45,10 +45,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// A write transaction.
+/// A write transaction. It remembers whether anything really changed, so that
+/// the periodic reconcile, which re-writes every object it looked at, costs no
+/// commit (and no fsync) when nothing did: otherwise every attach would queue
+/// behind one durable commit per volume per tick.
 #[allow(missing_debug_implementations)]
 pub struct Txn {
     t: redb::WriteTransaction,
+    dirty: bool,
 }
 
 impl Txn {
@@ -71,12 +75,18 @@ impl Txn {
             source,
         })?;
         let mut tab = db!(self.t.open_table(OBJECTS))?;
+        if db!(tab.get(key))?.is_some_and(|old| old.value() == b.as_slice()) {
+            return Ok(());
+        }
         db!(tab.insert(key, b.as_slice()))?;
+        self.dirty = true;
         Ok(())
     }
     pub fn delete(&mut self, key: &str) -> Result<(), StoreError> {
         let mut tab = db!(self.t.open_table(OBJECTS))?;
-        db!(tab.remove(key))?;
+        if db!(tab.remove(key))?.is_some() {
+            self.dirty = true;
+        }
         Ok(())
     }
 }
@@ -89,11 +99,15 @@ impl Store {
         })?;
         let s = Store { db: Arc::new(db) };
         // Make sure the table exists so read transactions can open it.
-        s.write(|_| Ok(()))?;
+        s.write(|t| {
+            t.dirty = true;
+            Ok(())
+        })?;
         Ok(s)
     }
 
-    /// Runs `f` in one write transaction; commits (durably) if it returns Ok.
+    /// Runs `f` in one write transaction; commits (durably) if it returns Ok
+    /// and changed something.
     pub fn write<R>(
         &self,
         f: impl FnOnce(&mut Txn) -> Result<R, StoreError>,
@@ -102,9 +116,13 @@ impl Store {
         {
             let _ = db!(t.open_table(OBJECTS))?;
         }
-        let mut txn = Txn { t };
+        let mut txn = Txn { t, dirty: false };
         let r = f(&mut txn)?;
-        db!(txn.t.commit())?;
+        if txn.dirty {
+            db!(txn.t.commit())?;
+        } else {
+            db!(txn.t.abort())?;
+        }
         Ok(r)
     }
 
@@ -177,5 +195,33 @@ mod tests {
         assert_eq!(s.get::<u32>("volume/b").unwrap(), Some(2));
         s.write(|t| t.delete("volume/a")).unwrap();
         assert_eq!(s.list::<u32>("volume/").unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn unchanged_writes_do_not_commit_and_changes_still_persist() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.redb");
+        {
+            let s = Store::open(&p).unwrap();
+            s.put("volume/a", &1u32).unwrap();
+            let dirty = s
+                .write(|t| {
+                    t.put("volume/a", &1u32)?;
+                    t.delete("volume/none")?;
+                    Ok(t.dirty)
+                })
+                .unwrap();
+            assert!(!dirty, "same bytes and a missing key change nothing");
+            let dirty = s
+                .write(|t| {
+                    t.put("volume/a", &1u32)?;
+                    t.put("volume/b", &2u32)?;
+                    Ok(t.dirty)
+                })
+                .unwrap();
+            assert!(dirty);
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.list::<u32>("volume/").unwrap(), vec![1, 2]);
     }
 }
