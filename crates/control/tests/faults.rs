@@ -312,8 +312,8 @@ async fn engine_dataplane_kill9_reattaches() {
     assert!(!ports.is_empty());
     let hole = Blackhole::ports(&ports);
     c.nodes[0].dp.kill9();
-    let _ = tokio::task::spawn_blocking(move || fio.wait(Duration::from_secs(60))).await;
-    // Replica targets still hold the old engine's controllers after the crash.
+    // Replica targets still hold the old engine's controllers after the crash
+    // (looked at at once: the manager's first re-attach attempt fences them).
     let rep = m
         .replicas(Some("v4"))
         .unwrap()
@@ -335,6 +335,7 @@ async fn engine_dataplane_kill9_reattaches() {
             .any(|x| x["hostnqn"] == old_host.as_str()),
         "old controllers should still be there: {held}"
     );
+    let _ = tokio::task::spawn_blocking(move || fio.wait(Duration::from_secs(60))).await;
     c.nodes[0].dp.restart();
     c.wait(
         "re-attached with a new epoch",
