@@ -5,7 +5,8 @@
 # detach latency (median, p99) with 1 volume and with 50 other volumes attached.
 #
 #   bench/volume.sh [SECONDS per run, default 5] [REPS, default 3] [CYCLES, default 20]
-#   env: NO_BUILD=1, DIR (default /work/bench-volume, removed afterwards), LOAD_MAX, LOAD_WAIT
+#   env: NO_BUILD=1, DIR (default /work/bench-volume, removed afterwards), LOAD_MAX, LOAD_WAIT,
+#        JOBS="4k-randread-1 ..." (a subset of the fio jobs; JOBS=none: latency only)
 # Bounded: about 6 jobs x 3 devices x REPS x (SECONDS+2) + 2 x CYCLES attach/detach cycles + setup.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -54,6 +55,7 @@ echo "| job | device | IOPS [range] | MiB/s | mean µs | p99 µs | vs lvol-direc
 echo "|---|---|---|---|---|---|---|---|"
 declare -A MED
 while read -r name rw bs qd; do
+    if [ -n "${JOBS:-}" ] && [[ " $JOBS " != *" $name "* ]]; then continue; fi
     for d in $DEVICES; do
         : >"$DIR/runs"
         for r in $(seq "$REPS"); do

@@ -595,8 +595,9 @@ async fn wait_volume(
 ) -> Result<Wait, CliError> {
     let t0 = Instant::now();
     let mut shown = String::new();
-    // Short polls first (most operations finish within a reconcile pass), then
-    // back off to 250 ms so that a long wait does not load the manager.
+    // 10 ms polls for the first second (most operations finish within one
+    // reconcile pass, and the wait is what users time), then 250 ms so that a
+    // long wait does not load the manager.
     let mut poll = Duration::from_millis(10);
     loop {
         let d = match get_volume(c, what, name).await {
@@ -655,7 +656,9 @@ async fn wait_volume(
             });
         }
         tokio::time::sleep(poll).await;
-        poll = (poll * 2).min(Duration::from_millis(250));
+        if t0.elapsed() > Duration::from_secs(1) {
+            poll = Duration::from_millis(250);
+        }
     }
 }
 
