@@ -947,34 +947,11 @@ impl Manager {
                 continue;
             }
             let node = self.node(&r.node)?;
-            let spec = ReplicaSpec {
-                name: r.name.clone(),
-                volume: v.name.clone(),
-                disk: r.disk.clone(),
-                size_bytes: v.size_bytes,
-                allowed_host: None,
-            };
-            match self
-                .agent::<serde_json::Value>(
-                    &node,
-                    reqwest::Method::PUT,
-                    &format!("/v1/replicas/{}", r.name),
-                    Some(&spec),
-                )
-                .await
-            {
-                Ok(resp) => {
+            match self.expose_replica(&node, &r, v, None).await {
+                Ok(_) => {
                     ok += 1;
                     if r.state == ReplicaState::Pending {
                         self.update_replica(&r.name, |r| r.state = ReplicaState::Healthy)?;
-                    }
-                    if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(resp["events"].clone())
-                    {
-                        self.emit_steps(
-                            &ev.into_iter()
-                                .filter(|e| e.outcome != "adopted")
-                                .collect::<Vec<_>>(),
-                        );
                     }
                 }
                 Err(e) if e.class == ErrorClass::Permanent => {
@@ -989,6 +966,41 @@ impl Manager {
                 .unwrap_or_else(|| OpError::transient(format!("volume {}: no replica", v.name))));
         }
         Ok(())
+    }
+
+    /// Asks `node`'s agent to expose replica `r` of `v` (lvol, subsystem,
+    /// listener, allow-list of `allowed_host`); emits the steps it did not
+    /// merely adopt and returns the agent's answer.
+    async fn expose_replica(
+        &self,
+        node: &Node,
+        r: &Replica,
+        v: &Volume,
+        allowed_host: Option<String>,
+    ) -> Result<serde_json::Value, OpError> {
+        let spec = ReplicaSpec {
+            name: r.name.clone(),
+            volume: v.name.clone(),
+            disk: r.disk.clone(),
+            size_bytes: v.size_bytes,
+            allowed_host,
+        };
+        let resp: serde_json::Value = self
+            .agent(
+                node,
+                reqwest::Method::PUT,
+                &format!("/v1/replicas/{}", r.name),
+                Some(&spec),
+            )
+            .await?;
+        if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(resp["events"].clone()) {
+            self.emit_steps(
+                &ev.into_iter()
+                    .filter(|e| e.outcome != "adopted")
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Ok(resp)
     }
 
     async fn attach(&self, v: Volume, spec: AttachSpec) -> Result<(), OpError> {
@@ -1038,31 +1050,8 @@ impl Manager {
         let mut usable = Vec::new();
         for r in &healthy {
             let rn = self.node(&r.node)?;
-            let rs = ReplicaSpec {
-                name: r.name.clone(),
-                volume: name.clone(),
-                disk: r.disk.clone(),
-                size_bytes: v.size_bytes,
-                allowed_host: Some(hostnqn.clone()),
-            };
-            match self
-                .agent::<serde_json::Value>(
-                    &rn,
-                    reqwest::Method::PUT,
-                    &format!("/v1/replicas/{}", r.name),
-                    Some(&rs),
-                )
-                .await
-            {
+            match self.expose_replica(&rn, r, &v, Some(hostnqn.clone())).await {
                 Ok(resp) => {
-                    if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(resp["events"].clone())
-                    {
-                        self.emit_steps(
-                            &ev.into_iter()
-                                .filter(|e| e.outcome != "adopted")
-                                .collect::<Vec<_>>(),
-                        );
-                    }
                     usable.push(EngineReplica {
                         name: r.name.clone(),
                         traddr: rn.address.clone(),
