@@ -164,44 +164,52 @@ impl Agent {
     /// silently re-created.
     pub async fn ensure_disks(&self) -> Vec<DiskStatus> {
         let mut out = Vec::new();
-        let stores = self
-            .call("bdev_lvol_get_lvstores", json!({}))
-            .await
-            .unwrap_or(Value::Null);
         for (name, path) in &self.cfg.disks {
-            let loaded = stores
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|s| s["name"] == name.as_str());
+            // Asked per disk: one store that cannot be read (its directory was
+            // removed, so statvfs fails) must neither hide the others nor be
+            // taken for "not loaded", which would re-create it.
+            let loaded = match self
+                .call("bdev_lvol_get_lvstores", json!({ "lvs_name": name }))
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if e.code() == Some(-libc::ENODEV) => Ok(false),
+                Err(e) => Err(e),
+            };
             let mut reason = None;
-            if loaded {
-                if !path.join(LVSTORE_META).exists() {
+            match loaded {
+                Ok(true) | Err(DpError::Rpc { .. }) if !path.join(LVSTORE_META).exists() => {
                     reason = Some(format!(
                         "{} is gone from {}: the disk's data is gone",
                         LVSTORE_META,
                         path.display()
                     ));
                 }
-            } else {
-                let _ = std::fs::create_dir_all(path);
-                let r = match self
-                    .call("corral_lvol_load_lvstore", json!({"base_dir": path}))
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(e) if absent_code(&e) => self
-                        .call(
-                            "bdev_lvol_create_lvstore",
-                            json!({"lvs_name": name, "base_dir": path}),
-                        )
+                Ok(true) => {}
+                Err(e) => {
+                    warn!(disk = %name, "disk not readable: {e}");
+                    reason = Some(format!("the dataplane cannot read the lvstore: {e}"));
+                }
+                Ok(false) => {
+                    let _ = std::fs::create_dir_all(path);
+                    let r = match self
+                        .call("corral_lvol_load_lvstore", json!({"base_dir": path}))
                         .await
-                        .map(|_| ()),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = r {
-                    warn!(disk = %name, "disk not usable: {e}");
-                    reason = Some(e.to_string());
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) if absent_code(&e) => self
+                            .call(
+                                "bdev_lvol_create_lvstore",
+                                json!({"lvs_name": name, "base_dir": path}),
+                            )
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        warn!(disk = %name, "disk not usable: {e}");
+                        reason = Some(e.to_string());
+                    }
                 }
             }
             let (total, free) = fs_space(path).unwrap_or((0, 0));
@@ -377,18 +385,67 @@ impl Agent {
         Ok((st, ev))
     }
 
+    /// One object by name from a name-filtered list method: its entry, or
+    /// `None` when the dataplane answers one of the `absent` codes. Looking up
+    /// by name keeps a step's cost the same however many volumes the node runs.
+    async fn lookup(
+        &self,
+        method: &str,
+        params: Value,
+        key: &str,
+        name: &str,
+        absent: &[i32],
+    ) -> StepResult<Option<Value>> {
+        match self.call(method, params).await {
+            // Matched again by name: a dataplane that ignores the filter
+            // answers with the whole list.
+            Ok(v) => Ok(v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x[key] == name)
+                .cloned()),
+            Err(e) if e.code().is_some_and(|c| absent.contains(&c)) => Ok(None),
+            Err(e) => Err(StepError::new(format!("look up {name}"), e)),
+        }
+    }
+
     /// The subsystem `nqn` as `nvmf_get_subsystems` shows it, if it exists.
     async fn find_subsystem(&self, nqn: &str) -> StepResult<Option<Value>> {
-        let subs = self
-            .call("nvmf_get_subsystems", json!({}))
+        self.lookup(
+            "nvmf_get_subsystems",
+            json!({ "nqn": nqn }),
+            "nqn",
+            nqn,
+            &[-32602],
+        )
+        .await
+    }
+
+    /// The engine-side controller `name`, if it exists.
+    async fn find_controller(&self, name: &str) -> StepResult<Option<Value>> {
+        let p = json!({ "name": name });
+        self.lookup("bdev_nvme_get_controllers", p, "name", name, &[-22, -19])
             .await
-            .map_err(|e| StepError::new("list subsystems", e))?;
-        Ok(subs
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|s| s["nqn"] == nqn)
-            .cloned())
+    }
+
+    /// The raid bdev `name`, if it exists.
+    async fn find_raid(&self, name: &str) -> StepResult<Option<Value>> {
+        let p = json!({"category": "all", "name": name});
+        self.lookup("bdev_raid_get_bdevs", p, "name", name, &[-19])
+            .await
+    }
+
+    /// The NBD export `name`, if it exists.
+    async fn find_nbd_export(&self, name: &str) -> StepResult<Option<Value>> {
+        self.lookup(
+            "corral_nbd_list",
+            json!({ "name": name }),
+            "name",
+            name,
+            &[-19],
+        )
+        .await
     }
 
     /// Applies the namespace and listener part of a subsystem plan: stray
@@ -563,10 +620,6 @@ impl Agent {
         let _g = lock.lock().await;
         let mut ev = Vec::new();
         let hostnqn = naming::engine_hostnqn(&spec.volume, spec.epoch);
-        let ctrls = self
-            .call("bdev_nvme_get_controllers", json!({}))
-            .await
-            .map_err(|e| StepError::new("list controllers", e))?;
         let mut members = Vec::new();
         let mut missing = Vec::new();
         for (i, r) in spec.replicas.iter().enumerate() {
@@ -578,12 +631,8 @@ impl Agent {
                 subnqn: &subnqn,
                 hostnqn: &hostnqn,
             };
-            let entry = ctrls
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["name"] == name.as_str());
-            let decision = converge::controller(entry, &want);
+            let entry = self.find_controller(&name).await?;
+            let decision = converge::controller(entry.as_ref(), &want);
             let attach = match &decision {
                 Observed::Matches => {
                     ev.push(step(
@@ -653,16 +702,7 @@ impl Agent {
         // raid1
         let raid = naming::raid_name(&spec.volume);
         let want_members: Vec<String> = members.iter().map(|m| naming::engine_ns_bdev(m)).collect();
-        let raids = self
-            .call("bdev_raid_get_bdevs", json!({"category": "all"}))
-            .await
-            .map_err(|e| StepError::new("list raids", e))?;
-        let entry = raids
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["name"] == raid.as_str())
-            .cloned();
+        let entry = self.find_raid(&raid).await?;
         match converge::raid(entry.as_ref(), &want_members) {
             Observed::Matches => ev.push(step("raid", &raid, "adopted", "")),
             Observed::Differs(why) => {
@@ -732,16 +772,7 @@ impl Agent {
         let raid = naming::raid_name(volume);
         match fe {
             Frontend::Nbd => {
-                let list = self
-                    .call("corral_nbd_list", json!({}))
-                    .await
-                    .map_err(|e| StepError::new("list NBD exports", e))?;
-                let entry = list
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|x| x["name"] == volume)
-                    .cloned();
+                let entry = self.find_nbd_export(volume).await?;
                 match converge::nbd_export(entry.as_ref(), &raid) {
                     Observed::Matches => ev.push(step("frontend", volume, "adopted", "nbd")),
                     Observed::Differs(why) => {
@@ -887,11 +918,14 @@ impl Agent {
 
     /// The engine of `volume` as the dataplane reports it.
     pub async fn engine_status(&self, volume: &str, epoch: u64) -> StepResult<EngineStatus> {
-        let v = self
-            .view()
-            .await
-            .map_err(|e| StepError::new("read the dataplane", e))?;
-        Ok(self.engine_status_in(&v, volume, epoch))
+        let raid = self.find_raid(&naming::raid_name(volume)).await?;
+        let nbd_on = self.find_nbd_export(volume).await?.is_some();
+        let nvmf_on = !nbd_on
+            && self
+                .find_subsystem(&naming::volume_nqn(volume))
+                .await?
+                .is_some();
+        Ok(self.engine_status_of(volume, epoch, raid.as_ref(), nbd_on, nvmf_on))
     }
 
     /// One look at everything the dataplane holds: a handful of calls, however
@@ -930,8 +964,6 @@ impl Agent {
             .into_iter()
             .flatten()
             .find(|r| r["name"] == raid.as_str());
-        let raid_state = entry.and_then(|e| e["state"].as_str().map(String::from));
-        let members = entry.map(raid_members).unwrap_or_default();
         let nbd_on = v
             .nbd
             .as_array()
@@ -945,6 +977,21 @@ impl Agent {
             .into_iter()
             .flatten()
             .any(|s| s["nqn"] == nqn.as_str());
+        self.engine_status_of(volume, epoch, entry, nbd_on, nvmf_on)
+    }
+
+    /// An engine's status from its raid entry and which frontend exports it.
+    fn engine_status_of(
+        &self,
+        volume: &str,
+        epoch: u64,
+        raid: Option<&Value>,
+        nbd_on: bool,
+        nvmf_on: bool,
+    ) -> EngineStatus {
+        let raid_state = raid.and_then(|e| e["state"].as_str().map(String::from));
+        let members = raid.map(raid_members).unwrap_or_default();
+        let nqn = naming::volume_nqn(volume);
         let (frontend, endpoint) = if nbd_on {
             (
                 Some(Frontend::Nbd),
@@ -1019,8 +1066,15 @@ impl Agent {
 
     // ----------------------------------------------------------- status ----
 
-    pub fn set_desired(&self, d: Desired) {
-        *self.desired.lock() = Some(d);
+    /// Takes the manager's desired set unless a newer one is already here.
+    /// Returns whether it was taken.
+    pub fn set_desired(&self, d: Desired) -> bool {
+        let mut g = self.desired.lock();
+        if g.as_ref().is_some_and(|old| !d.supersedes(old)) {
+            return false;
+        }
+        *g = Some(d);
+        true
     }
 
     /// Everything on this node: disks, replicas, engines, raid records, orphans.

@@ -187,8 +187,8 @@ async fn delete_engine(State(a): State<Arc<Agent>>, Path(volume): Path<String>) 
 }
 
 async fn put_desired(State(a): State<Arc<Agent>>, Json(d): Json<Desired>) -> Response {
-    a.set_desired(d);
-    Json(json!({})).into_response()
+    let taken = a.set_desired(d);
+    Json(json!({ "taken": taken })).into_response()
 }
 
 #[derive(Deserialize)]

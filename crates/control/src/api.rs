@@ -126,6 +126,22 @@ pub struct Desired {
     pub replicas: Vec<String>,
     /// (volume, epoch) of engines on this node.
     pub engines: Vec<(String, u64)>,
+    /// The manager process that computed this (`Manager::instance`).
+    #[serde(default)]
+    pub manager: String,
+    /// Taken before the manager read its store: of two pushes from one
+    /// manager, the higher one saw every write the lower one saw. A push
+    /// that arrives late (a tick's, overtaken by an attach's) is dropped, so
+    /// a new engine is never briefly unknown, hence never an orphan.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl Desired {
+    /// Whether `self` may replace `old` (older pushes of one manager may not).
+    pub fn supersedes(&self, old: &Desired) -> bool {
+        self.manager != old.manager || self.generation >= old.generation
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,4 +196,26 @@ pub struct ControllerInfo {
 pub struct ApiError {
     pub message: String,
     pub class: crate::retry::ErrorClass,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(manager: &str, generation: u64) -> Desired {
+        Desired {
+            manager: manager.into(),
+            generation,
+            ..Desired::default()
+        }
+    }
+
+    #[test]
+    fn a_late_push_of_the_same_manager_does_not_replace_a_newer_one() {
+        assert!(d("m1", 5).supersedes(&d("m1", 4)));
+        assert!(d("m1", 5).supersedes(&d("m1", 5)));
+        assert!(!d("m1", 4).supersedes(&d("m1", 5)));
+        // A restarted manager counts from 1 again: it always wins.
+        assert!(d("m2", 1).supersedes(&d("m1", 900)));
+    }
 }

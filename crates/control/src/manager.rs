@@ -2,14 +2,14 @@
 //! reconcilers that drive the agents, health recording (I5), events, metrics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tracing::{info, warn};
 
 use crate::api::*;
@@ -96,11 +96,33 @@ pub struct Manager {
     pub events_tx: broadcast::Sender<Event>,
     status: Mutex<HashMap<String, (AgentStatus, Instant)>>,
     backoff: Mutex<HashMap<String, (Backoff, Instant)>>,
-    vol_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    vol_locks: Mutex<HashMap<String, Arc<VolSlot>>>,
+    /// Wakes the periodic loop early (a node registered).
     pub wake: Notify,
+    /// Volumes a request changed: reconciled at once, on their own, instead
+    /// of waiting for the next tick (which polls every node and visits every
+    /// volume, so its length grows with the cluster).
+    kick_tx: mpsc::UnboundedSender<String>,
+    kick_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     pub attach_attempts: Mutex<HashMap<String, u64>>,
+    /// When each volume's current engine was complete: a node status asked
+    /// for before that cannot show it, so it never means "engine lost".
+    engine_built: Mutex<HashMap<String, Instant>>,
+    /// Identifies this manager process (in desired sets it pushes).
+    instance: String,
+    /// Numbers desired-set pushes (see `Desired::generation`).
+    desired_gen: AtomicU64,
     /// Per node: (agent instance, last agent event turned into an event).
     agent_events_seen: Mutex<HashMap<String, (String, u64)>>,
+}
+
+/// One volume's reconcile slot: at most one reconcile runs at a time, and a
+/// request that arrives while one runs makes it run once more (a request is
+/// never lost behind a reconcile that read the volume before it changed).
+#[derive(Debug, Default)]
+struct VolSlot {
+    running: tokio::sync::Mutex<()>,
+    again: AtomicBool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -133,6 +155,7 @@ impl Manager {
             .flatten()
             .unwrap_or(0);
         let (events_tx, _) = broadcast::channel(1024);
+        let (kick_tx, kick_rx) = mpsc::unbounded_channel();
         Arc::new(Manager {
             cfg,
             store,
@@ -147,6 +170,11 @@ impl Manager {
             backoff: Mutex::new(HashMap::new()),
             vol_locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            kick_tx,
+            kick_rx: Mutex::new(Some(kick_rx)),
+            engine_built: Mutex::new(HashMap::new()),
+            instance: uuid::Uuid::new_v4().to_string(),
+            desired_gen: AtomicU64::new(0),
             attach_attempts: Mutex::new(HashMap::new()),
             agent_events_seen: Mutex::new(HashMap::new()),
         })
@@ -181,9 +209,40 @@ impl Manager {
         let _ = self.events_tx.send(e);
     }
 
+    /// The newest event's sequence number (0 before the first).
+    pub fn event_seq(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// Returns once an event about `object` newer than `after` exists, or
+    /// after `max`: a client waiting for a volume's state wakes when it
+    /// changes instead of polling (state changes are events: `transition`).
+    pub async fn wait_for_event(&self, object: &str, after: u64, max: Duration) {
+        // Subscribe before looking back: an event stored after the look is
+        // broadcast after the subscription, so none falls in between.
+        let mut rx = self.events_tx.subscribe();
+        if self.event_seq() > after {
+            let past = self.events_since(after);
+            if past.map_or(true, |es| es.iter().any(|e| e.object == object)) {
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(max, async {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.object == object => return,
+                    Ok(_) => {}
+                    // Lagged or closed: let the caller look for itself.
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+    }
+
     pub fn events_since(&self, since: u64) -> Result<Vec<Event>, OpError> {
-        let all: Vec<Event> = self.store.list("event/")?;
-        Ok(all.into_iter().filter(|e| e.seq > since).collect())
+        let from = format!("event/{:020}", since.saturating_add(1));
+        Ok(self.store.list_from("event/", &from)?)
     }
 
     // ------------------------------------------------------------ agents ---
@@ -272,13 +331,20 @@ impl Manager {
 
     /// The last status of `node`'s agent, if fresh.
     pub fn cached_status(&self, node: &str) -> Option<AgentStatus> {
+        self.cached_status_asked(node).map(|(s, _)| s)
+    }
+
+    /// The last status of `node`'s agent, if fresh, with when it was asked for.
+    fn cached_status_asked(&self, node: &str) -> Option<(AgentStatus, Instant)> {
         let g = self.status.lock();
         let (s, at) = g.get(node)?;
-        (at.elapsed() < self.cfg.node_timeout).then(|| s.clone())
+        (at.elapsed() < self.cfg.node_timeout).then(|| (s.clone(), *at))
     }
 
     /// What `node` should run, for the agent's orphan detection.
     fn desired_for(&self, node: &str) -> Result<Desired, OpError> {
+        // Numbered before the store is read (see Desired::generation).
+        let generation = self.desired_gen.fetch_add(1, Ordering::SeqCst) + 1;
         let replicas: Vec<Replica> = self.store.list("replica/")?;
         let volumes: Vec<Volume> = self.store.list("volume/")?;
         Ok(Desired {
@@ -292,6 +358,8 @@ impl Manager {
                 .filter(|v| v.engine_node.as_deref() == Some(node))
                 .map(|v| (v.name, v.epoch))
                 .collect(),
+            manager: self.instance.clone(),
+            generation,
         })
     }
 
@@ -311,14 +379,15 @@ impl Manager {
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
                 let _ = me.push_desired(&n).await;
+                let asked = Instant::now();
                 let r: Result<AgentStatus, OpError> = me
                     .agent(&n, reqwest::Method::GET, "/v1/status", None::<&()>)
                     .await;
-                (n, r)
+                (n, r, asked)
             }));
         }
         for t in tasks {
-            let Ok((n, r)) = t.await else { continue };
+            let Ok((n, r, asked)) = t.await else { continue };
             match r {
                 Ok(st) => {
                     let was_ready = n.ready;
@@ -364,9 +433,12 @@ impl Manager {
                     }
                     self.record_health(&n.name, &st);
                     self.agent_events(&n.name, &st);
-                    self.status
-                        .lock()
-                        .insert(n.name.clone(), (st, Instant::now()));
+                    // Two polls may overlap (a caller's and the loop's): the
+                    // status asked for last wins, whichever answer came last.
+                    let mut g = self.status.lock();
+                    if g.get(&n.name).is_none_or(|(_, at)| *at <= asked) {
+                        g.insert(n.name.clone(), (st, asked));
+                    }
                 }
                 Err(e) => {
                     let stale = self
@@ -522,9 +594,15 @@ impl Manager {
         Ok(self.store.list("volume/")?)
     }
 
+    /// Every replica, or one volume's: replica names start with their
+    /// volume's (naming::new_replica_id), so that is a range read, not a scan.
     pub fn replicas(&self, volume: Option<&str>) -> Result<Vec<Replica>, OpError> {
-        let all: Vec<Replica> = self.store.list("replica/")?;
-        Ok(all
+        let prefix = match volume {
+            Some(v) => rkey(&format!("{v}-r")),
+            None => rkey(""),
+        };
+        let found: Vec<Replica> = self.store.list(&prefix)?;
+        Ok(found
             .into_iter()
             .filter(|r| volume.is_none_or(|v| r.volume == v))
             .collect())
@@ -609,7 +687,7 @@ impl Manager {
                     .join(", ")
             ),
         );
-        self.wake.notify_one();
+        self.kick(name);
         Ok(v)
     }
 
@@ -642,7 +720,7 @@ impl Manager {
             Ok(Ok(v))
         })??;
         self.backoff.lock().remove(name);
-        self.wake.notify_one();
+        self.kick(name);
         Ok(v)
     }
 
@@ -658,7 +736,7 @@ impl Manager {
         })??;
         self.event("volume", name, "Deleting", "requested");
         self.backoff.lock().remove(name);
-        self.wake.notify_one();
+        self.kick(name);
         Ok(())
     }
 
@@ -693,7 +771,7 @@ impl Manager {
             "Expanding",
             format!("to {size_bytes} bytes"),
         );
-        self.wake.notify_one();
+        self.kick(name);
         v.ok_or_else(|| OpError::not_found("volume", name))
     }
 
@@ -746,7 +824,7 @@ impl Manager {
                 chosen.join(", ")
             ),
         );
-        self.wake.notify_one();
+        self.kick(name);
         Ok(chosen)
     }
 
@@ -823,6 +901,15 @@ impl Manager {
 
     /// The control loop: poll agents, then reconcile every volume that is due.
     pub async fn run(self: Arc<Self>) {
+        if let Some(mut rx) = self.kick_rx.lock().take() {
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Some(name) = rx.recv().await {
+                    let me = me.clone();
+                    tokio::spawn(async move { me.reconcile(&name).await });
+                }
+            });
+        }
         loop {
             self.poll_nodes().await;
             let vols = self.volumes().unwrap_or_default();
@@ -849,15 +936,39 @@ impl Manager {
         }
     }
 
-    /// Reconciles one volume, with per-volume backoff on transient failures.
+    /// Asks for `name` to be reconciled now, without waiting for the tick.
+    fn kick(&self, name: &str) {
+        // Without a running loop (no receiver) the tick never comes either.
+        let _ = self.kick_tx.send(name.to_string());
+    }
+
+    /// Reconciles one volume; if asked again meanwhile, once more after.
     pub async fn reconcile(&self, name: &str) {
-        let lock = self
+        let slot = self
             .vol_locks
             .lock()
             .entry(name.to_string())
             .or_default()
             .clone();
-        let Ok(_g) = lock.try_lock() else { return };
+        slot.again.store(true, Ordering::SeqCst);
+        loop {
+            // Held elsewhere: that reconcile sees `again` when it ends.
+            let Ok(g) = slot.running.try_lock() else {
+                return;
+            };
+            if !slot.again.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            self.reconcile_once(name).await;
+            drop(g);
+            if !slot.again.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// One reconcile, with per-volume backoff on transient failures.
+    async fn reconcile_once(&self, name: &str) {
         match self.reconcile_inner(name).await {
             Ok(()) => {
                 self.backoff.lock().remove(name);
@@ -1046,11 +1157,22 @@ impl Manager {
                 "if the replicas that were in sync last still hold data: corral volume salvage {name}"
             )));
         }
-        // 1. Each healthy replica admits this epoch's engine only (fencing older ones).
+        // 1. Each healthy replica admits this epoch's engine only (fencing
+        // older ones); the replicas' nodes are asked all at once.
+        let nodes = healthy
+            .iter()
+            .map(|r| self.node(&r.node))
+            .collect::<Result<Vec<_>, _>>()?;
+        let exposed = futures_util::future::join_all(
+            healthy
+                .iter()
+                .zip(&nodes)
+                .map(|(r, rn)| self.expose_replica(rn, r, &v, Some(hostnqn.clone()))),
+        )
+        .await;
         let mut usable = Vec::new();
-        for r in &healthy {
-            let rn = self.node(&r.node)?;
-            match self.expose_replica(&rn, r, &v, Some(hostnqn.clone())).await {
+        for ((r, rn), res) in healthy.iter().zip(&nodes).zip(exposed) {
+            match res {
                 Ok(resp) => {
                     usable.push(EngineReplica {
                         name: r.name.clone(),
@@ -1122,6 +1244,9 @@ impl Manager {
                 Some(&es),
             )
             .await?;
+        self.engine_built
+            .lock()
+            .insert(name.clone(), Instant::now());
         // Phase 2 adopts what phase 1 just made: only report what changed.
         self.emit_steps(
             &st.events
@@ -1157,7 +1282,7 @@ impl Manager {
         let Some(node) = v.engine_node.clone() else {
             return Ok(());
         };
-        let Some(st) = self.cached_status(&node) else {
+        let Some((st, asked)) = self.cached_status_asked(&node) else {
             self.update_volume(&v.name, |v| {
                 v.robustness = Robustness::Unknown;
                 v.set_condition(
@@ -1168,6 +1293,15 @@ impl Manager {
             })?;
             return Ok(());
         };
+        if self
+            .engine_built
+            .lock()
+            .get(&v.name)
+            .is_some_and(|built| asked < *built)
+        {
+            // Asked for before the engine was complete: says nothing of it.
+            return Ok(());
+        }
         let engine = st
             .engines
             .iter()
@@ -1220,13 +1354,14 @@ impl Manager {
                 self.emit_steps(&ev);
             }
         }
-        // Nobody may connect to the replicas until the next engine.
-        for r in self
+        // Nobody may connect to the replicas until the next engine (all
+        // replicas' nodes asked at once).
+        let closing = self
             .replicas(Some(&name))?
-            .iter()
+            .into_iter()
             .filter(|r| r.state == ReplicaState::Healthy || r.state == ReplicaState::OutOfSync)
-        {
-            if let Ok(rn) = self.node(&r.node) {
+            .filter_map(|r| Some((self.node(&r.node).ok()?, r)))
+            .map(|(rn, r)| {
                 let rs = ReplicaSpec {
                     name: r.name.clone(),
                     volume: name.clone(),
@@ -1234,23 +1369,22 @@ impl Manager {
                     size_bytes: v.size_bytes,
                     allowed_host: None,
                 };
-                if let Err(e) = self
-                    .agent::<serde_json::Value>(
-                        &rn,
-                        reqwest::Method::PUT,
-                        &format!("/v1/replicas/{}", r.name),
-                        Some(&rs),
-                    )
-                    .await
-                {
-                    warn!(replica = %r.name, "could not close the replica's allow-list: {}", e.message);
+                async move {
+                    let path = format!("/v1/replicas/{}", r.name);
+                    let res = self
+                        .agent::<serde_json::Value>(&rn, reqwest::Method::PUT, &path, Some(&rs))
+                        .await;
+                    if let Err(e) = res {
+                        warn!(replica = %r.name, "could not close the replica's allow-list: {}", e.message);
+                    }
                 }
-            }
-        }
+            });
+        futures_util::future::join_all(closing).await;
         self.update_volume(&name, |v| {
             v.endpoint = None;
             v.engine_node = None;
         })?;
+        self.engine_built.lock().remove(&name);
         self.transition(&name, VolumeState::Detached, "engine deleted")?;
         Ok(())
     }

@@ -107,11 +107,32 @@ async fn create_volume(State(m): State<Arc<Manager>>, Json(c): Json<CreateVolume
     ok(m.create_volume(&c.name, c.size_bytes, c.replicas))
 }
 
-async fn volume(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Response {
+#[derive(Deserialize)]
+struct VolumeQuery {
+    /// Answer only once an event about this volume newer than this sequence
+    /// number exists (or `wait_ms` passed): a long poll for waiting clients.
+    wait_after: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// The longest a volume long poll is held.
+const MAX_WAIT: Duration = Duration::from_secs(5);
+
+async fn volume(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+    Query(q): Query<VolumeQuery>,
+) -> Response {
+    if let Some(after) = q.wait_after {
+        let max = Duration::from_millis(q.wait_ms.unwrap_or(250)).min(MAX_WAIT);
+        m.wait_for_event(&name, after, max).await;
+    }
+    // Read before the volume: a change with a lower number is in what follows.
+    let seq = m.event_seq();
     ok(m.volume(&name).and_then(|v| {
         let replicas = m.replicas(Some(&name))?;
         let snapshots = m.snapshots(&name)?;
-        Ok(json!({"volume": v, "replicas": replicas, "snapshots": snapshots}))
+        Ok(json!({"volume": v, "replicas": replicas, "snapshots": snapshots, "event_seq": seq}))
     }))
 }
 

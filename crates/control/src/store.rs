@@ -142,10 +142,19 @@ impl Store {
 
     /// Every object whose key starts with `prefix`, in key order.
     pub fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
+        self.list_from(prefix, prefix)
+    }
+
+    /// The objects under `prefix` whose keys are `from` or after, in key order.
+    pub fn list_from<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+        from: &str,
+    ) -> Result<Vec<T>, StoreError> {
         let t = db!(self.db.begin_read())?;
         let tab = db!(t.open_table(OBJECTS))?;
         let mut out = Vec::new();
-        for item in db!(tab.range(prefix..))? {
+        for item in db!(tab.range(from.max(prefix)..))? {
             let (k, v) = db!(item)?;
             if !k.value().starts_with(prefix) {
                 break;
@@ -178,6 +187,12 @@ mod tests {
             s.put("volume/b", &2u32).unwrap();
             s.put("replica/x", &3u32).unwrap();
             assert_eq!(s.list::<u32>("volume/").unwrap(), vec![1, 2]);
+            assert_eq!(s.list_from::<u32>("volume/", "volume/b").unwrap(), vec![2]);
+            assert_eq!(s.list_from::<u32>("volume/", "a").unwrap(), vec![1, 2]);
+            assert!(s
+                .list_from::<u32>("volume/", "volume/c")
+                .unwrap()
+                .is_empty());
             let r: Result<(), StoreError> = s.write(|t| {
                 t.put("volume/c", &9u32)?;
                 Err(StoreError::Db(Box::new(redb::Error::Corrupted(

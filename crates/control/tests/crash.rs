@@ -128,7 +128,7 @@ async fn crash_at_every_step_then_converge() {
             "{point}: faulted: {after:#?}"
         );
         if is_detach {
-            assert_eq!(v.epoch, 2, "{point}: a new engine");
+            assert_eq!(v.epoch, 2, "{point}: a new engine: {after:#?}");
             let stale_handled = c.events().iter().any(|e| {
                 (e.reason == "Replaced" || e.reason == "Adopted")
                     && e.kind == "controller"

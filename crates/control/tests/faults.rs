@@ -403,13 +403,24 @@ async fn attach_latency_does_not_grow_with_volumes() {
             == n
     })
     .await;
+    // Timed from the request to the state change, woken by the manager's
+    // events (as `corral volume attach` waits), not by polling.
     let mut lat = Vec::new();
     for i in 0..n {
         let name = format!("w{i:02}");
         let t0 = Instant::now();
         attach(&c, &name, "node1");
-        c.wait_state(&name, VolumeState::Attached, Duration::from_secs(60))
-            .await;
+        loop {
+            let seq = m.event_seq();
+            if m.volume(&name).unwrap().state == VolumeState::Attached {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{name} not attached"
+            );
+            m.wait_for_event(&name, seq, Duration::from_secs(1)).await;
+        }
         lat.push(t0.elapsed().as_secs_f64());
     }
     let med = |s: &[f64]| {
@@ -424,8 +435,9 @@ async fn attach_latency_does_not_grow_with_volumes() {
         last * 1e3,
         lat.iter().map(|x| (x * 1e3) as u64).collect::<Vec<_>>()
     );
+    // 10 ms of slack for a neighbouring test sharing the two CPUs.
     assert!(
-        last <= 2.0 * first + 0.05,
+        last <= 2.0 * first + 0.01,
         "attach latency grew: first {first:.3} s, last {last:.3} s"
     );
     // Every volume works.

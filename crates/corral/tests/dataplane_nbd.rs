@@ -69,6 +69,14 @@ async fn nbd_export_of_malloc_and_file() {
     .await;
     let list = dp.ok("corral_nbd_list", Value::Null).await;
     assert_eq!(list.as_array().unwrap().len(), 2);
+    let one = dp.ok("corral_nbd_list", json!({"name": "file"})).await;
+    assert_eq!(one.as_array().map(|a| a.len()), Some(1), "{one}");
+    assert_eq!(one[0]["bdev_name"], "f0");
+    let e = dp
+        .call("corral_nbd_list", json!({"name": "no-such-export"}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, -libc::ENODEV, "{e:?}");
     // qemu-img convert in and out of the file export, compared.
     let src = tmp.path().join("src.raw");
     let data: Vec<u8> = (0..(4u32 << 20))

@@ -167,6 +167,20 @@ async fn raid1_over_nvme_kill_rebuild_and_crash() {
     // Degraded again (r1 dies), then the engine dataplane is killed -9: after the
     // restart the record still says r1n1 is out of sync.
     eng.ok("bdev_raid_create", json!({"name": "vol2", "raid_level": "raid1", "strip_size_kb": 0, "base_bdevs": ["r0n1", "r1n1"]})).await;
+    // A lookup by name returns that raid only; an unknown name is -ENODEV.
+    let one = eng
+        .ok(
+            "bdev_raid_get_bdevs",
+            json!({"category": "all", "name": "vol2"}),
+        )
+        .await;
+    assert_eq!(one.as_array().map(|a| a.len()), Some(1), "{one}");
+    assert_eq!(one[0]["name"], "vol2");
+    let e = eng
+        .call("bdev_raid_get_bdevs", json!({"name": "no-such-raid"}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, -libc::ENODEV, "{e:?}");
     let r = eng.ok("corral_nbd_start", json!({"name": "vol2", "bdev_name": "vol2", "listen_address": format!("127.0.0.1:{nbd_port}")})).await;
     let uri2 = r["uri"].as_str().unwrap().to_string();
     targets[1].kill9();

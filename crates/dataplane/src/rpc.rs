@@ -287,7 +287,11 @@ pub async fn handle(handler: &dyn Handler, v: Value) -> Option<Value> {
     let t0 = std::time::Instant::now();
     let r = handler.call(method.clone(), params).await;
     match &r {
-        Ok(_) => debug!(%method, ms = t0.elapsed().as_millis() as u64, "RPC ok"),
+        Ok(_) => debug!(%method, us = t0.elapsed().as_micros() as u64, "RPC ok"),
+        // "Does not exist" is the ordinary answer of a lookup by name.
+        Err(e) if is_query(&method) => {
+            debug!(%method, code = e.code, error = %e.message, "RPC failed")
+        }
         Err(e) => info!(%method, code = e.code, error = %e.message, "RPC failed"),
     }
     if !has_id {
@@ -370,6 +374,12 @@ impl RpcClient {
     pub async fn send_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
         self.s.write_all(b).await
     }
+}
+
+/// Methods that only read (`*_get_*`, `*_list`): their failures are answers
+/// to a question, not events worth an info line.
+fn is_query(method: &str) -> bool {
+    method.contains("_get_") || method.starts_with("get_") || method.ends_with("_list")
 }
 
 #[cfg(test)]

@@ -349,6 +349,9 @@ pub struct VolumeDetail {
     pub replicas: Vec<Replica>,
     #[serde(default)]
     pub snapshots: Vec<Snapshot>,
+    /// The manager's newest event when it answered (for the next long poll).
+    #[serde(default)]
+    pub event_seq: Option<u64>,
 }
 
 pub async fn get_volume(c: &Client, what: &str, name: &str) -> Result<VolumeDetail, CliError> {
@@ -595,12 +598,23 @@ async fn wait_volume(
 ) -> Result<Wait, CliError> {
     let t0 = Instant::now();
     let mut shown = String::new();
-    // 10 ms polls for the first second (most operations finish within one
-    // reconcile pass, and the wait is what users time), then 250 ms so that a
-    // long wait does not load the manager.
+    // A manager that numbers its events holds each look until the volume's
+    // next event (at most `LONG_POLL`): the wait ends when the volume changes.
+    // Without it: 10 ms polls for the first second, then 250 ms.
     let mut poll = Duration::from_millis(10);
+    let mut after: Option<u64> = None;
     loop {
-        let d = match get_volume(c, what, name).await {
+        let got = match after {
+            Some(seq) => {
+                let ms = LONG_POLL
+                    .min(timeout.saturating_sub(t0.elapsed()))
+                    .as_millis();
+                let path = format!("/v1/volumes/{}?wait_after={seq}&wait_ms={ms}", seg(name));
+                c.get(what, &path).await
+            }
+            None => get_volume(c, what, name).await,
+        };
+        let d: VolumeDetail = match got {
             Ok(d) => d,
             Err(CliError::Refused { status: 404, .. }) => return Ok(Wait::Gone),
             Err(e) => return Err(e),
@@ -655,12 +669,18 @@ async fn wait_volume(
                 )),
             });
         }
-        tokio::time::sleep(poll).await;
-        if t0.elapsed() > Duration::from_secs(1) {
-            poll = Duration::from_millis(250);
+        after = d.event_seq;
+        if after.is_none() {
+            tokio::time::sleep(poll).await;
+            if t0.elapsed() > Duration::from_secs(1) {
+                poll = Duration::from_millis(250);
+            }
         }
     }
 }
+
+/// How long one look of a wait may be held by the manager.
+const LONG_POLL: Duration = Duration::from_millis(500);
 
 async fn attach(
     c: &Client,
@@ -1051,6 +1071,7 @@ mod tests {
                 created: 900,
             }],
             snapshots: vec![],
+            event_seq: None,
         };
         let s = render_volume(&d, 1060);
         assert!(s.contains("State:       faulted (engine epoch 2"), "{s}");

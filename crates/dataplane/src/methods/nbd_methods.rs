@@ -126,12 +126,28 @@ pub async fn stop(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-pub fn list(dp: &Arc<Dataplane>, _p: Value) -> Result<Value, RpcError> {
+#[derive(Deserialize)]
+struct ListParams {
+    /// One export only; -ENODEV when it does not exist.
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// `corral_nbd_list [{name}]`: every export on every listener, or one.
+pub fn list(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
+    let a: ListParams = params(p)?;
     let mut out = Vec::new();
     for (addr, s) in dp.nbd.lock().iter() {
-        for e in s.exports() {
-            out.push(export_json(&e, addr));
+        match &a.name {
+            Some(n) => out.extend(s.export(n).map(|e| export_json(&e, addr))),
+            None => out.extend(s.exports().iter().map(|e| export_json(e, addr))),
         }
+    }
+    if let (Some(n), true) = (&a.name, out.is_empty()) {
+        return Err(RpcError::errno_msg(
+            libc::ENODEV,
+            format!("NBD export {n} does not exist"),
+        ));
     }
     Ok(Value::Array(out))
 }

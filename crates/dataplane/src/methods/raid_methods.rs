@@ -36,6 +36,10 @@ pub async fn delete(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
 struct Category {
     #[serde(default = "all")]
     category: String,
+    /// One raid only (a corral extension, like `bdev_get_bdevs {name}`): an
+    /// agent looking up its engine's raid does not list every volume's.
+    #[serde(default)]
+    name: Option<String>,
 }
 
 fn all() -> String {
@@ -44,7 +48,27 @@ fn all() -> String {
 
 pub fn get_bdevs(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: Category = params(p)?;
-    to_value(dp.raid.get_bdevs(&a.category).map_err(raid_error)?)
+    let Some(name) = a.name else {
+        return to_value(dp.raid.get_bdevs(&a.category).map_err(raid_error)?);
+    };
+    let Some(raid) = dp.raid.get(&name) else {
+        return Err(RpcError::errno_msg(
+            libc::ENODEV,
+            format!("raid {name} does not exist"),
+        ));
+    };
+    let st = raid.status();
+    let keep = match a.category.as_str() {
+        "all" => true,
+        c => {
+            let Some(want) = raid::RaidState::parse(c) else {
+                // The same -EINVAL as without a name.
+                return to_value(dp.raid.get_bdevs(c).map_err(raid_error)?);
+            };
+            st.state == want
+        }
+    };
+    to_value(if keep { vec![st] } else { Vec::new() })
 }
 
 #[derive(Deserialize)]
