@@ -428,9 +428,10 @@ async fn attach_latency_does_not_grow_with_volumes() {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (first, last) = (med(&lat[..5]), med(&lat[n - 5..]));
+    // Medians of ten: one spike from a neighbouring test does not decide.
+    let (first, last) = (med(&lat[..10]), med(&lat[n - 10..]));
     eprintln!(
-        "attach latency: first five median {:.0} ms, last five median {:.0} ms, all {:?}",
+        "attach latency: first ten median {:.0} ms, last ten median {:.0} ms, all {:?}",
         first * 1e3,
         last * 1e3,
         lat.iter().map(|x| (x * 1e3) as u64).collect::<Vec<_>>()
