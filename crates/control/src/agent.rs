@@ -1064,6 +1064,51 @@ impl Agent {
         })
     }
 
+    // ---------------------------------------------------------- quiesce ----
+
+    /// Quiesces the engine of `volume` (its raid): new I/O waits and I/O in
+    /// flight drains, so that every replica holds the same writes until
+    /// [`Agent::resume_engine`], or until `lease` ends it by itself.
+    pub async fn quiesce_engine(
+        &self,
+        volume: &str,
+        drain: Duration,
+        lease: Duration,
+    ) -> StepResult<u64> {
+        let raid = naming::raid_name(volume);
+        let what = || format!("quiesce the engine of {volume}");
+        let r = self
+            .call(
+                "corral_raid_quiesce",
+                json!({"name": raid, "drain_timeout_ms": drain.as_millis() as u64,
+                       "lease_ms": lease.as_millis() as u64}),
+            )
+            .await
+            .map_err(|e| StepError::new(what(), e))?;
+        r["token"].as_u64().ok_or_else(|| {
+            StepError::new(
+                what(),
+                DpError::Rpc {
+                    method: "corral_raid_quiesce".into(),
+                    code: -libc::EIO,
+                    message: format!("answer without a token: {r}"),
+                },
+            )
+        })
+    }
+
+    /// Ends quiesce `token` of `volume`'s engine. Fails (-ENOENT) when it had
+    /// already ended, i.e. its lease ran out first.
+    pub async fn resume_engine(&self, volume: &str, token: u64) -> StepResult<()> {
+        self.call(
+            "corral_raid_resume",
+            json!({"name": naming::raid_name(volume), "token": token}),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| StepError::new(format!("resume the engine of {volume}"), e))
+    }
+
     // ----------------------------------------------------------- status ----
 
     /// Takes the manager's desired set unless a newer one is already here.

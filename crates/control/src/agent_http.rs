@@ -43,6 +43,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/engines/{volume}",
             put(put_engine).delete(delete_engine),
         )
+        .route("/v1/engines/{volume}/quiesce", post(quiesce_engine))
+        .route("/v1/engines/{volume}/resume", post(resume_engine))
         .route("/v1/desired", put(put_desired))
         .route("/v1/orphans/collect", post(collect))
         .route("/v1/debug/fault", post(set_fault))
@@ -98,10 +100,6 @@ struct SnapReq {
     snapshot: String,
 }
 
-fn snap_name(replica: &str, snap: &str) -> String {
-    format!("{replica}.snap.{snap}")
-}
-
 async fn snapshot(
     State(a): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -111,7 +109,7 @@ async fn snapshot(
     match a
         .call(
             "bdev_lvol_snapshot",
-            json!({"lvol_name": alias, "snapshot_name": snap_name(&name, &r.snapshot)}),
+            json!({"lvol_name": alias, "snapshot_name": crate::naming::snapshot_lvol(&name, &r.snapshot)}),
         )
         .await
     {
@@ -129,7 +127,7 @@ async fn delete_snapshot(
     Path((name, snap)): Path<(String, String)>,
     Query(q): Query<DiskQ>,
 ) -> Response {
-    let alias = crate::naming::lvol_alias(&q.disk, &snap_name(&name, &snap));
+    let alias = crate::naming::lvol_alias(&q.disk, &crate::naming::snapshot_lvol(&name, &snap));
     match a.call("bdev_lvol_delete", json!({"name": alias})).await {
         Ok(_) => Json(json!({})).into_response(),
         Err(e) if e.code() == Some(-19) => Json(json!({})).into_response(),
@@ -146,7 +144,8 @@ async fn revert(
     Json(r): Json<SnapReq>,
 ) -> Response {
     let alias = crate::naming::lvol_alias(&r.disk, &name);
-    let snap = crate::naming::lvol_alias(&r.disk, &snap_name(&name, &r.snapshot));
+    let snap =
+        crate::naming::lvol_alias(&r.disk, &crate::naming::snapshot_lvol(&name, &r.snapshot));
     match a
         .call(
             "corral_lvol_revert",
@@ -182,6 +181,30 @@ async fn put_engine(
 async fn delete_engine(State(a): State<Arc<Agent>>, Path(volume): Path<String>) -> Response {
     match a.delete_engine(&volume).await {
         Ok(ev) => Json(json!({"events": ev})).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn quiesce_engine(
+    State(a): State<Arc<Agent>>,
+    Path(volume): Path<String>,
+    Json(q): Json<QuiesceReq>,
+) -> Response {
+    let drain = std::time::Duration::from_millis(q.drain_timeout_ms);
+    let lease = std::time::Duration::from_millis(q.lease_ms);
+    match a.quiesce_engine(&volume, drain, lease).await {
+        Ok(token) => Json(QuiesceResp { token }).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn resume_engine(
+    State(a): State<Arc<Agent>>,
+    Path(volume): Path<String>,
+    Json(r): Json<QuiesceResp>,
+) -> Response {
+    match a.resume_engine(&volume, r.token).await {
+        Ok(()) => Json(json!({})).into_response(),
         Err(e) => step_err(e),
     }
 }

@@ -190,6 +190,22 @@ pub struct ControllerInfo {
     pub subnqn: String,
 }
 
+/// `POST /v1/engines/{volume}/quiesce` on an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuiesceReq {
+    /// How long I/O in flight may take to drain.
+    pub drain_timeout_ms: u64,
+    /// The quiesce ends by itself after this long (a caller that dies never
+    /// leaves the volume stalled).
+    pub lease_ms: u64,
+}
+
+/// The answer to a quiesce, and the body of `POST /v1/engines/{volume}/resume`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuiesceResp {
+    pub token: u64,
+}
+
 /// An error answered by the agent API: what failed and whether retrying can help.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]

@@ -116,6 +116,14 @@ pub struct Manager {
     agent_events_seen: Mutex<HashMap<String, (String, u64)>>,
 }
 
+/// How long an engine's writes in flight may take to drain for a snapshot.
+const SNAPSHOT_DRAIN: Duration = Duration::from_secs(5);
+/// How long the replicas have to snapshot while the engine is quiesced.
+const SNAPSHOT_WINDOW: Duration = Duration::from_secs(5);
+/// The engine resumes by itself after this long, whatever happens to the
+/// manager (the longest a snapshot can stall a volume's I/O).
+const SNAPSHOT_LEASE: Duration = Duration::from_secs(10);
+
 /// One volume's reconcile slot: at most one reconcile runs at a time, and a
 /// request that arrives while one runs makes it run once more (a request is
 /// never lost behind a reconcile that read the volume before it changed).
@@ -942,14 +950,18 @@ impl Manager {
         let _ = self.kick_tx.send(name.to_string());
     }
 
-    /// Reconciles one volume; if asked again meanwhile, once more after.
-    pub async fn reconcile(&self, name: &str) {
-        let slot = self
-            .vol_locks
+    /// The reconcile slot of volume `name`.
+    fn slot(&self, name: &str) -> Arc<VolSlot> {
+        self.vol_locks
             .lock()
             .entry(name.to_string())
             .or_default()
-            .clone();
+            .clone()
+    }
+
+    /// Reconciles one volume; if asked again meanwhile, once more after.
+    pub async fn reconcile(&self, name: &str) {
+        let slot = self.slot(name);
         slot.again.store(true, Ordering::SeqCst);
         loop {
             // Held elsewhere: that reconcile sees `again` when it ends.
@@ -1445,35 +1457,154 @@ impl Manager {
 
     // -------------------------------------------------------- snapshots ----
 
+    /// Takes snapshot `snap` of every healthy replica of `volume`, all at the
+    /// same point of the volume's write stream: an attached volume's engine
+    /// is quiesced (new writes wait, writes in flight drain) while the
+    /// replicas snapshot, so no write is in one replica's snapshot and not in
+    /// another's. Anything short of that (a replica that fails, an engine that
+    /// cannot be quiesced, a quiesce whose lease ran out) takes every copy
+    /// back and fails: a snapshot exists on all healthy replicas, consistent,
+    /// or not at all.
     pub async fn create_snapshot(&self, volume: &str, snap: &str) -> Result<Snapshot, OpError> {
         naming::valid_volume_name(snap)
             .map_err(|e| OpError::bad(format!("snapshot name {snap}: {e}")))?;
+        self.volume(volume)?;
+        // No attach or detach of this volume while its engine is quiesced.
+        let slot = self.slot(volume);
+        let guard = slot.running.lock().await;
+        let r = self.create_snapshot_locked(volume, snap).await;
+        drop(guard);
+        if slot.again.load(Ordering::SeqCst) {
+            self.kick(volume);
+        }
+        r
+    }
+
+    async fn create_snapshot_locked(&self, volume: &str, snap: &str) -> Result<Snapshot, OpError> {
         let v = self.volume(volume)?;
         if self.store.get::<Snapshot>(&skey(volume, snap))?.is_some() {
             return Err(OpError::conflict(format!(
                 "snapshot {snap} of {volume} already exists"
             )));
         }
-        let rs: Vec<Replica> = self
+        let engine_node = match v.state {
+            VolumeState::Attached => v.engine_node.clone(),
+            VolumeState::Detached | VolumeState::Faulted => None,
+            st => {
+                return Err(OpError::transient(format!(
+                    "volume {volume} is {st:?}; a snapshot needs it attached or detached"
+                ))
+                .with_advice("try again once `corral volume show` says attached or detached"))
+            }
+        };
+        let rs: Vec<(Replica, Node)> = self
             .replicas(Some(volume))?
             .into_iter()
             .filter(|r| r.state == ReplicaState::Healthy)
+            .map(|r| Ok((self.node(&r.node)?, r)))
+            .collect::<Result<Vec<_>, OpError>>()?
+            .into_iter()
+            .map(|(n, r)| (r, n))
             .collect();
         if rs.is_empty() {
             return Err(OpError::conflict(format!(
                 "volume {volume} has no healthy replica to snapshot"
             )));
         }
-        for r in &rs {
-            let node = self.node(&r.node)?;
-            let _: serde_json::Value = self
+        // A snapshot of this name that a replica already holds has no record
+        // here: a leftover of an attempt that did not finish, taken at another
+        // moment. It is removed, never adopted.
+        self.each_replica(&rs, |r| self.delete_replica_snapshot(r.0, r.1, snap))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let quiesced = match &engine_node {
+            Some(node) => {
+                let n = self.node(node)?;
+                let q: QuiesceResp = self
+                    .agent(
+                        &n,
+                        reqwest::Method::POST,
+                        &format!("/v1/engines/{volume}/quiesce"),
+                        Some(&QuiesceReq {
+                            drain_timeout_ms: SNAPSHOT_DRAIN.as_millis() as u64,
+                            lease_ms: SNAPSHOT_LEASE.as_millis() as u64,
+                        }),
+                    )
+                    .await
+                    .map_err(|e| OpError {
+                        message: format!("snapshot {volume}/{snap}: {}", e.message),
+                        ..e
+                    })?;
+                Some((n, q.token, Instant::now()))
+            }
+            None => None,
+        };
+        let taken = tokio::time::timeout(
+            SNAPSHOT_WINDOW,
+            self.each_replica(&rs, |r| async move {
+                let _: serde_json::Value = self
+                    .agent(
+                        r.1,
+                        reqwest::Method::POST,
+                        &format!("/v1/replicas/{}/snapshots", r.0.name),
+                        Some(&serde_json::json!({"disk": r.0.disk, "snapshot": snap})),
+                    )
+                    .await?;
+                Ok(())
+            }),
+        )
+        .await;
+        let mut failure = match &taken {
+            Err(_) => Some(format!(
+                "the replicas did not all answer within {} ms",
+                SNAPSHOT_WINDOW.as_millis()
+            )),
+            Ok(res) => res.iter().zip(&rs).find_map(|(x, r)| {
+                x.as_ref()
+                    .err()
+                    .map(|e| format!("replica {}: {}", r.0.name, e.message))
+            }),
+        };
+        let mut held_ms = 0;
+        if let Some((n, token, t0)) = &quiesced {
+            let resumed: Result<serde_json::Value, OpError> = self
                 .agent(
-                    &node,
+                    n,
                     reqwest::Method::POST,
-                    &format!("/v1/replicas/{}/snapshots", r.name),
-                    Some(&serde_json::json!({"disk": r.disk, "snapshot": snap})),
+                    &format!("/v1/engines/{volume}/resume"),
+                    Some(&QuiesceResp { token: *token }),
                 )
-                .await?;
+                .await;
+            held_ms = t0.elapsed().as_millis() as u64;
+            if let Err(e) = resumed {
+                // Its lease may have let writes through before every replica
+                // had snapshotted: the copies may differ.
+                failure.get_or_insert(format!(
+                    "the engine's quiesce could not be ended in order ({})",
+                    e.message
+                ));
+            }
+        }
+        if let Some(why) = failure {
+            for r in self
+                .each_replica(&rs, |r| self.delete_replica_snapshot(r.0, r.1, snap))
+                .await
+            {
+                if let Err(e) = r {
+                    warn!(volume, snap, "snapshot roll-back: {}", e.message);
+                }
+            }
+            self.event(
+                "snapshot",
+                &format!("{volume}/{snap}"),
+                "Failed",
+                format!("not taken ({why}); copies removed"),
+            );
+            return Err(
+                OpError::transient(format!("snapshot {volume}/{snap} not taken: {why}"))
+                    .with_advice(format!("corral snapshot create {volume} {snap} (again)")),
+            );
         }
         let s = Snapshot {
             volume: volume.into(),
@@ -1482,13 +1613,48 @@ impl Manager {
             size_bytes: v.size_bytes,
         };
         self.store.put(&skey(volume, snap), &s)?;
+        let how = match &quiesced {
+            Some(_) => format!("I/O held for {held_ms} ms"),
+            None => "volume detached".into(),
+        };
         self.event(
             "snapshot",
             &format!("{volume}/{snap}"),
             "Created",
-            format!("on {} replicas", rs.len()),
+            format!("on {} replicas ({how})", rs.len()),
         );
         Ok(s)
+    }
+
+    /// Runs `f` on every (replica, node) at once; results in their order.
+    async fn each_replica<'a, F, Fut, T>(
+        &self,
+        rs: &'a [(Replica, Node)],
+        f: F,
+    ) -> Vec<Result<T, OpError>>
+    where
+        F: Fn((&'a Replica, &'a Node)) -> Fut,
+        Fut: std::future::Future<Output = Result<T, OpError>>,
+    {
+        futures_util::future::join_all(rs.iter().map(|(r, n)| f((r, n)))).await
+    }
+
+    /// Deletes snapshot `snap` of replica `r` (done if it does not exist).
+    async fn delete_replica_snapshot(
+        &self,
+        r: &Replica,
+        n: &Node,
+        snap: &str,
+    ) -> Result<(), OpError> {
+        let _: serde_json::Value = self
+            .agent(
+                n,
+                reqwest::Method::DELETE,
+                &format!("/v1/replicas/{}/snapshots/{snap}?disk={}", r.name, r.disk),
+                None::<&()>,
+            )
+            .await?;
+        Ok(())
     }
 
     pub fn snapshots(&self, volume: &str) -> Result<Vec<Snapshot>, OpError> {

@@ -93,6 +93,12 @@ pub fn lvol_alias(disk: &str, replica: &str) -> String {
     format!("{disk}/{replica}")
 }
 
+/// The lvol name of snapshot `snap` of `replica` (in the replica's lvstore):
+/// the replica's name first, so it is owned like the replica's head.
+pub fn snapshot_lvol(replica: &str, snap: &str) -> String {
+    format!("{replica}.snap.{snap}")
+}
+
 /// Volume and replica names: what users may type. Letters, digits, `-`, `_`,
 /// `.`, starting with a letter or digit, at most 63 bytes (the replica id and
 /// NQNs built from it then stay within NVMe's 223-byte limit).

@@ -39,6 +39,21 @@ pub enum RaidError {
     /// member to start from): -EINVAL.
     #[error("{what}: {why}")]
     InvalidParam { what: String, why: String },
+    /// `corral_raid_quiesce` while another quiesce holds the raid: -EBUSY.
+    #[error("raid bdev {raid} is already quiesced")]
+    Quiesced { raid: String },
+    /// I/O was still in flight when the quiesce's drain time ran out (the
+    /// raid runs on, nothing held back): -ETIMEDOUT.
+    #[error("raid bdev {raid}: {inflight} I/O(s) still in flight after {ms} ms; not quiesced")]
+    DrainTimeout {
+        raid: String,
+        inflight: u32,
+        ms: u64,
+    },
+    /// `corral_raid_resume` with a token that is not the quiesce in force
+    /// (it ended, or another one holds the raid): -ENOENT.
+    #[error("raid bdev {raid}: quiesce {token} is not in force")]
+    NotQuiesced { raid: String, token: u64 },
     /// The membership record could not be read or written (the state dir): -EIO.
     #[error("raid bdev {raid}: state record: {why}")]
     Record { raid: String, why: String },
@@ -55,6 +70,9 @@ impl RaidError {
             RaidError::Claimed { .. } | RaidError::RebuildRunning { .. } => libc::EPERM,
             RaidError::InvalidParam { .. } => libc::EINVAL,
             RaidError::Record { .. } => libc::EIO,
+            RaidError::Quiesced { .. } => libc::EBUSY,
+            RaidError::DrainTimeout { .. } => libc::ETIMEDOUT,
+            RaidError::NotQuiesced { .. } => libc::ENOENT,
         }
     }
 
@@ -107,6 +125,22 @@ mod tests {
                 why: "x".into()
             }),
             -5
+        );
+        assert_eq!(n(RaidError::Quiesced { raid: "r".into() }), -16);
+        assert_eq!(
+            n(RaidError::DrainTimeout {
+                raid: "r".into(),
+                inflight: 1,
+                ms: 5
+            }),
+            -110
+        );
+        assert_eq!(
+            n(RaidError::NotQuiesced {
+                raid: "r".into(),
+                token: 3
+            }),
+            -2
         );
     }
 }

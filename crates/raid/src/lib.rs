@@ -146,6 +146,39 @@ impl Raid1 {
             .store(mib_per_sec, Ordering::Relaxed);
     }
 
+    /// Quiesces the raid (see `corral_raid_quiesce`): new I/O is held back
+    /// and I/O in flight drains, within `drain`. The quiesce ends with
+    /// [`Raid1::resume`] or by itself after `lease`, so a caller that dies in
+    /// between stalls I/O for a bounded time only (I6, I7).
+    pub async fn quiesce(&self, drain: Duration, lease: Duration) -> Result<u64, RaidError> {
+        let token = self.core.quiesce(drain).await?;
+        let core = Arc::downgrade(&self.core);
+        self.core.rt.spawn(async move {
+            tokio::time::sleep(lease).await;
+            if let Some(c) = core.upgrade() {
+                if c.resume(Some(token)) {
+                    tracing::warn!(raid = %c.id.name, token, lease_ms = lease.as_millis() as u64,
+                        "quiesce lease expired before a resume; I/O resumed");
+                }
+            }
+        });
+        tracing::info!(raid = %self.core.id.name, token, "quiesced");
+        Ok(token)
+    }
+
+    /// Ends quiesce `token` (any quiesce with `None`); -ENOENT when it is not
+    /// the one in force (it already ended, e.g. by its lease).
+    pub fn resume(&self, token: Option<u64>) -> Result<(), RaidError> {
+        if self.core.resume(token) {
+            tracing::info!(raid = %self.core.id.name, ?token, "resumed");
+            return Ok(());
+        }
+        Err(RaidError::NotQuiesced {
+            raid: self.core.id.name.clone(),
+            token: token.unwrap_or(0),
+        })
+    }
+
     /// Persist thread progress (durable record version, last error).
     pub fn persist_status(&self) -> PersistStatus {
         self.core.persister.status()

@@ -285,6 +285,11 @@ pub(crate) struct Core {
     pub rebuild_bw_mib: AtomicU64,
     pub counters: Counters,
     pub shutting_down: AtomicBool,
+    /// Non-zero while quiesced: the token of the quiesce that holds new I/O
+    /// back (see [`Core::quiesce`]).
+    paused: AtomicU64,
+    /// Source of quiesce tokens.
+    pause_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Core {
@@ -373,6 +378,8 @@ impl Core {
             rebuild_bw_mib: AtomicU64::new(bw),
             counters: Counters::default(),
             shutting_down: AtomicBool::new(false),
+            paused: AtomicU64::new(0),
+            pause_seq: AtomicU64::new(0),
         });
         let sink: Weak<dyn DurableSink> = Arc::downgrade(&core) as Weak<dyn DurableSink>;
         core.persister.set_sink(sink);
@@ -439,6 +446,13 @@ impl Core {
             return done.complete(io, Err(IoError::Removed));
         }
         match self.slab.alloc() {
+            // The slot is taken before `paused` is read, and `quiesce` stores
+            // `paused` before it reads the slots in use (all SeqCst): either
+            // this I/O sees the pause, or the quiesce waits for it.
+            Some(idx) if self.paused.load(Ordering::SeqCst) != 0 => {
+                self.slab.free(idx);
+                self.park(io, done)
+            }
             Some(idx) => self.start(idx, io, done),
             None => self.park(io, done),
         }
@@ -454,6 +468,11 @@ impl Core {
     fn unpark(self: &Arc<Self>) {
         while self.overflow_len.load(Ordering::SeqCst) > 0 {
             let Some(idx) = self.slab.alloc() else { return };
+            if self.paused.load(Ordering::SeqCst) != 0 {
+                // `resume` unparks again once the pause is lifted.
+                self.slab.free(idx);
+                return;
+            }
             let next = {
                 let mut q = self.overflow.lock();
                 let n = q.pop_front();
@@ -1166,6 +1185,69 @@ impl Core {
         }
     }
 
+    /// Holds every new parent I/O back (queued, not failed) and waits until
+    /// the ones already started are complete at the members, so that every
+    /// in-sync member holds the same acknowledged writes until [`Core::resume`]:
+    /// what a crash-consistent snapshot of all replicas needs. Returns the
+    /// token that resumes it. Fails if already quiesced, or if I/O is still in
+    /// flight after `within` (then nothing stays held back).
+    pub async fn quiesce(&self, within: Duration) -> Result<u64, crate::RaidError> {
+        let token = self.pause_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        if self
+            .paused
+            .compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(crate::RaidError::Quiesced {
+                raid: self.id.name.clone(),
+            });
+        }
+        let t0 = Instant::now();
+        loop {
+            let inflight = self.slab.in_use();
+            if inflight == 0 {
+                return Ok(token);
+            }
+            if t0.elapsed() > within {
+                self.resume(Some(token));
+                return Err(crate::RaidError::DrainTimeout {
+                    raid: self.id.name.clone(),
+                    inflight,
+                    ms: within.as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+
+    /// Lets held-back I/O go (the quiesce `token`, or whichever with `None`).
+    /// Returns false when that quiesce is not the one in force.
+    pub fn resume(&self, token: Option<u64>) -> bool {
+        let cur = self.paused.load(Ordering::SeqCst);
+        let ok = cur != 0
+            && token.is_none_or(|t| t == cur)
+            && self
+                .paused
+                .compare_exchange(cur, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+        if ok {
+            if let Some(me) = self.me() {
+                me.unpark();
+            }
+        }
+        ok
+    }
+
+    /// The token of the quiesce in force, if any.
+    pub fn quiesced(&self) -> Option<u64> {
+        Some(self.paused.load(Ordering::SeqCst)).filter(|t| *t != 0)
+    }
+
+    /// I/Os held back right now (by a quiesce or for want of a slot).
+    pub fn parked_now(&self) -> usize {
+        self.overflow_len.load(Ordering::SeqCst)
+    }
+
     /// Stops all I/O (delete): the raid goes offline without marking anyone out
     /// of sync (nothing is acknowledged any more, so every in-sync member keeps
     /// every acknowledged write).
@@ -1179,6 +1261,10 @@ impl Core {
             rb.cancel();
         }
         self.publish_mask(&ctl);
+        drop(ctl);
+        // I/O held back by a quiesce must not wait for a resume that a
+        // deleted raid never gets: it fails now like any other.
+        self.resume(None);
     }
 
     /// Waits until no member I/O is in flight (bounded).

@@ -59,7 +59,8 @@ impl<T> Slab<T> {
                 .compare_exchange_weak(h, new, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    self.in_use.fetch_add(1, Ordering::Relaxed);
+                    // SeqCst: `Core::quiesce` pairs it with its pause flag.
+                    self.in_use.fetch_add(1, Ordering::SeqCst);
                     return Some(idx);
                 }
                 Err(cur) => h = cur,
@@ -72,7 +73,7 @@ impl<T> Slab<T> {
         let Some(e) = self.entries.get(idx as usize) else {
             return;
         };
-        self.in_use.fetch_sub(1, Ordering::Relaxed);
+        self.in_use.fetch_sub(1, Ordering::SeqCst);
         let mut h = self.head.load(Ordering::Acquire);
         loop {
             e.next.store(h as u32, Ordering::Relaxed);
@@ -92,9 +93,10 @@ impl<T> Slab<T> {
         self.entries.get(idx as usize).map(|e| &e.val)
     }
 
-    /// Slots in use (approximate under concurrency).
+    /// Slots in use. Exact once it reads 0 after every new allocation has
+    /// been held off (see `Core::quiesce`).
     pub fn in_use(&self) -> u32 {
-        self.in_use.load(Ordering::Relaxed)
+        self.in_use.load(Ordering::SeqCst)
     }
 }
 

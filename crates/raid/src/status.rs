@@ -133,6 +133,10 @@ pub struct IoInfo {
     pub write_backs: u64,
     pub write_back_failures: u64,
     pub removals: u64,
+    /// A quiesce holds new I/O back (`corral_raid_quiesce`).
+    pub quiesced: bool,
+    /// Parent I/Os waiting to start (held by a quiesce or for a free slot).
+    pub queued: usize,
 }
 
 pub(crate) fn status(core: &Core) -> RaidStatus {
@@ -140,6 +144,8 @@ pub(crate) fn status(core: &Core) -> RaidStatus {
     let c = &core.counters;
     let io = IoInfo {
         inflight: core.inflight(),
+        quiesced: core.quiesced().is_some(),
+        queued: core.parked_now(),
         held_writes: core.held_now(),
         held_writes_total: c.held_total.load(Ordering::Relaxed),
         held_writes_failed: c.held_failed.load(Ordering::Relaxed),

@@ -910,3 +910,87 @@ async fn a_write_failing_during_delete_is_not_acknowledged() {
     assert!(reg.claim_of("m0").is_none() && reg.claim_of("m1").is_none());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `corral_raid_quiesce`: new I/O is held back (not failed) and I/O in flight
+/// drains, so every member holds the same data while quiesced (what a
+/// crash-consistent snapshot of all replicas needs); a resume, or the lease,
+/// lets it go on; a quiesce that cannot drain gives up and holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiesce_drains_holds_and_resumes() {
+    let (reg, m, f, dir) = setup("quiesce", 3).await;
+    for x in &f {
+        // Slow members: a quiesce always finds I/O in flight.
+        x.delay_us.store(300, Ordering::SeqCst);
+    }
+    let raid = m.create(params("rq", 3)).await.unwrap();
+    let rb: Arc<dyn Bdev> = reg.get("rq").unwrap();
+    let load = Load::start(rb.clone(), 12, BLOCKS / 12, 7);
+    let lease = Duration::from_secs(30);
+    for round in 0..5 {
+        load.wait_ops(300, Duration::from_secs(30)).await;
+        let token = raid
+            .quiesce(Duration::from_secs(5), lease)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let st = raid.status();
+        assert!(st.io.quiesced);
+        assert_eq!(st.io.inflight, 0, "round {round}: drained");
+        let before = load.ops.load(Ordering::SeqCst);
+        let c1 = crcs(&f).await;
+        assert!(
+            c1.iter().all(|x| *x == c1[0]),
+            "round {round}: members differ while quiesced: {c1:x?}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            crcs(&f).await,
+            c1,
+            "round {round}: data changed while quiesced"
+        );
+        assert_eq!(
+            load.ops.load(Ordering::SeqCst),
+            before,
+            "I/O completed while quiesced"
+        );
+        assert!(raid.status().io.queued > 0, "the load's I/O waits");
+        // One quiesce at a time; only its own token resumes it.
+        let e = raid
+            .quiesce(Duration::from_secs(1), lease)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), -libc::EBUSY, "{e}");
+        let e = raid.resume(Some(token + 1000)).unwrap_err();
+        assert_eq!(e.errno(), -libc::ENOENT, "{e}");
+        raid.resume(Some(token)).unwrap();
+        assert!(!raid.status().io.quiesced);
+    }
+    // A quiesce whose caller never resumes ends with its lease.
+    raid.quiesce(Duration::from_secs(5), Duration::from_millis(200))
+        .await
+        .unwrap();
+    load.wait_ops(300, Duration::from_secs(10)).await;
+    assert!(!raid.status().io.quiesced, "lease ended the quiesce");
+    // A member that never answers: the drain times out, nothing stays held.
+    f[1].silent.store(true, Ordering::SeqCst);
+    wait_until("I/O stuck on m1", Duration::from_secs(5), || {
+        f[1].parked() > 0
+    })
+    .await;
+    let e = raid
+        .quiesce(Duration::from_millis(100), lease)
+        .await
+        .unwrap_err();
+    assert_eq!(e.errno(), -libc::ETIMEDOUT, "{e}");
+    assert!(!raid.status().io.quiesced);
+    f[1].silent.store(false, Ordering::SeqCst);
+    f[1].release_parked(None);
+    load.wait_ops(300, Duration::from_secs(10)).await;
+    let models = load.stop().await;
+    verify_models(&*rb, &models).await;
+    let c = crcs(&f).await;
+    assert!(c.iter().all(|x| *x == c[0]), "members differ: {c:x?}");
+    // Delete while quiesced: held I/O is not left waiting.
+    raid.quiesce(Duration::from_secs(5), lease).await.unwrap();
+    m.delete("rq").await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -2,6 +2,7 @@
 //! records (invariant I5) and the rebuild bandwidth.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -106,6 +107,79 @@ pub fn set_bandwidth(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     dp.raid
         .set_rebuild_bandwidth(&a.name, a.mib_per_sec)
         .map_err(raid_error)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+struct Quiesce {
+    name: String,
+    /// How long I/O in flight may take to drain before the quiesce gives up.
+    #[serde(default = "default_drain_ms")]
+    drain_timeout_ms: u64,
+    /// The quiesce ends by itself after this long if nobody resumes it.
+    #[serde(default = "default_lease_ms")]
+    lease_ms: u64,
+}
+
+fn default_drain_ms() -> u64 {
+    5_000
+}
+
+fn default_lease_ms() -> u64 {
+    15_000
+}
+
+/// Upper bound of a quiesce lease: I/O is never held for longer than this.
+const MAX_LEASE_MS: u64 = 60_000;
+
+/// `corral_raid_quiesce {name, drain_timeout_ms?, lease_ms?}`: holds new I/O
+/// of the raid back and waits for I/O in flight, so that every member holds
+/// the same writes (a consistent snapshot of all replicas). Answers
+/// `{token}`; -EBUSY if already quiesced, -ETIMEDOUT if it could not drain.
+pub async fn quiesce(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
+    let a: Quiesce = params(p)?;
+    if a.lease_ms == 0 || a.lease_ms > MAX_LEASE_MS {
+        return Err(RpcError::invalid_params(format!(
+            "lease_ms must be 1..={MAX_LEASE_MS}, not {}",
+            a.lease_ms
+        )));
+    }
+    let raid = dp.raid.get(&a.name).ok_or_else(|| {
+        raid_error(raid::RaidError::NotFound {
+            name: a.name.clone(),
+        })
+    })?;
+    let t0 = std::time::Instant::now();
+    let token = raid
+        .quiesce(
+            Duration::from_millis(a.drain_timeout_ms),
+            Duration::from_millis(a.lease_ms),
+        )
+        .await
+        .map_err(raid_error)?;
+    Ok(
+        json!({"token": token, "drained_us": t0.elapsed().as_micros() as u64, "lease_ms": a.lease_ms}),
+    )
+}
+
+#[derive(Deserialize)]
+struct Resume {
+    name: String,
+    /// The quiesce to end; without it, whichever is in force.
+    #[serde(default)]
+    token: Option<u64>,
+}
+
+/// `corral_raid_resume {name, token?}`: lets the held I/O go. -ENOENT when that
+/// quiesce is no longer in force (its lease ended it).
+pub fn resume(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
+    let a: Resume = params(p)?;
+    let raid = dp.raid.get(&a.name).ok_or_else(|| {
+        raid_error(raid::RaidError::NotFound {
+            name: a.name.clone(),
+        })
+    })?;
+    raid.resume(a.token).map_err(raid_error)?;
     Ok(json!(true))
 }
 
