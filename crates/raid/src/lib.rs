@@ -18,7 +18,11 @@
 //!   out-of-sync members out until they are rebuilt.
 //! - `bdev_raid_add_base_bdev` adds a member that takes every new write at once
 //!   and is filled in the background ([`rebuild`]), region by region under range
-//!   locks, paced to a bandwidth limit; it serves reads once in sync.
+//!   locks, paced to a bandwidth limit; it serves reads once in sync. With
+//!   `corral_rebuild_ranges` (a corral extension, [`AddOptions`]) only the
+//!   given ranges are copied: the control plane's replica rebuild first gives
+//!   the new member the snapshot chain, so only what the head holds differs
+//!   ([`extents`]).
 //!
 //! [`RaidModule`] has one method per SPDK RPC; [`Raid1`] is the raid bdev
 //! (product name "Raid Volume"); [`read_records`] reads the records of a state
@@ -29,6 +33,7 @@
 //! a member submission. See `raid1.rs` for how.
 
 pub mod error;
+pub mod extents;
 pub mod module;
 mod persist;
 mod raid1;
@@ -46,7 +51,8 @@ use std::time::Duration;
 use bdev::{Bdev, BdevIo, Completion, IoKind};
 
 pub use error::RaidError;
-pub use module::{CreateParams, RaidModule};
+pub use extents::{normalize_ranges, RangeError};
+pub use module::{AddOptions, CreateParams, RaidModule};
 pub use persist::PersistStatus;
 pub use raid1::MAX_MEMBERS;
 pub use rebuild::RebuildOutcome;

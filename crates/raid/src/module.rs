@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::error::RaidError;
+use crate::extents::normalize_ranges;
 use crate::persist::Persister;
 use crate::raid1::{kind_index, Cause, Core, CoreIdentity, CoreInit, SlotInfo, MAX_MEMBERS};
 use crate::rebuild::{self, Rebuild};
@@ -53,6 +54,30 @@ impl CreateParams {
             base_bdevs: base_bdevs.iter().map(|s| s.to_string()).collect(),
             uuid: None,
             superblock: false,
+        }
+    }
+}
+
+/// Options of [`RaidModule::add_base_bdev_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddOptions {
+    /// corral extension (`corral_rebuild_ranges`): copy only these
+    /// `(offset_blocks, num_blocks)` ranges, in raid blocks, because the new
+    /// member already holds the raid's data everywhere else (e.g. it received
+    /// the snapshot chain, and these are the ranges allocated in a healthy
+    /// replica's head while the raid was quiesced). Any order, overlaps and
+    /// neighbours allowed; they are normalised with
+    /// [`crate::extents::normalize_ranges`]. `None` copies the whole device;
+    /// `Some(vec![])` copies nothing. Wrong ranges here silently leave the
+    /// member different from the others: the raid cannot check the claim.
+    pub rebuild_ranges: Option<Vec<(u64, u64)>>,
+}
+
+impl AddOptions {
+    /// Rebuild only `ranges` (see [`AddOptions::rebuild_ranges`]).
+    pub fn ranges(ranges: Vec<(u64, u64)>) -> AddOptions {
+        AddOptions {
+            rebuild_ranges: Some(ranges),
         }
     }
 }
@@ -517,11 +542,38 @@ impl RaidModule {
     /// running, or the base bdev is claimed), -EINVAL (raid not online, block
     /// size or size or I/O types do not fit, no slot left), -EIO (record).
     pub async fn add_base_bdev(&self, raid_bdev: &str, base_bdev: &str) -> Result<(), RaidError> {
+        self.add_base_bdev_with(raid_bdev, base_bdev, AddOptions::default())
+            .await
+    }
+
+    /// [`RaidModule::add_base_bdev`] with options. With
+    /// [`AddOptions::rebuild_ranges`] the rebuild copies only those ranges
+    /// (normalised; `blocks_total` of the rebuild status is their sum);
+    /// everything else is as for a whole-device rebuild: writes reach the
+    /// member from now on, copies run under range locks and the bandwidth
+    /// limit, the member is recorded `rebuilding` before it sees a write and
+    /// `online` before it serves a read. An empty list copies nothing: the
+    /// rebuild ends as soon as the `online` record is durable.
+    ///
+    /// Errors as [`RaidModule::add_base_bdev`], plus -EINVAL for a range of
+    /// zero blocks or one that ends past the raid (nothing is changed then).
+    pub async fn add_base_bdev_with(
+        &self,
+        raid_bdev: &str,
+        base_bdev: &str,
+        opts: AddOptions,
+    ) -> Result<(), RaidError> {
         let raid = self.get(raid_bdev).ok_or_else(|| RaidError::NotFound {
             name: raid_bdev.into(),
         })?;
         let core = raid.core.clone();
         let rname = core.id.name.clone();
+        let ranges = match &opts.rebuild_ranges {
+            None => None,
+            Some(r) => Some(normalize_ranges(r, core.id.num_blocks).map_err(|e| {
+                RaidError::invalid("corral_rebuild_ranges", format!("raid bdev '{rname}': {e}"))
+            })?),
+        };
         let base = self
             .registry
             .canonical(base_bdev)
@@ -649,7 +701,7 @@ impl RaidModule {
             s.since_ms = now;
             s.bdev = Some(bdev.clone());
             *core.members[i].bdev.write() = Some(bdev.clone());
-            let rb = Rebuild::new(i, gen, base.clone(), core.id.num_blocks);
+            let rb = Rebuild::new(i, gen, base.clone(), core.id.num_blocks, ranges);
             ctl.rebuild = Some(rb.clone());
             ctl.version += 1;
             core.persist_locked(&ctl);
@@ -672,7 +724,8 @@ impl RaidModule {
             let ctl = core.ctl.lock();
             core.publish_mask(&ctl);
         }
-        tracing::info!(raid = %rname, member = %base, slot = rb.slot, "base bdev added; rebuilding");
+        tracing::info!(raid = %rname, member = %base, slot = rb.slot, blocks = rb.total_blocks,
+            ranges = rb.partial.then_some(rb.ranges.len()), "base bdev added; rebuilding");
         core.rt.spawn(rebuild::run(core.clone(), rb, bdev));
         Ok(())
     }

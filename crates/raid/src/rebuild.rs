@@ -1,7 +1,9 @@
 //! Background rebuild of a member added with `bdev_raid_add_base_bdev`.
 //!
 //! The new member takes every user write from the moment it is added. The
-//! rebuild then copies the device region by region from the in-sync members:
+//! rebuild then copies the device (or only the ranges the caller listed, when
+//! it knows the member already holds the rest: `corral_rebuild_ranges`)
+//! region by region from the in-sync members:
 //! each region is locked against user writes (in-flight overlapping writes
 //! finish first, new ones wait), read from a source, written to the target and
 //! unlocked, so that no older copy can land over a newer user write. User I/O
@@ -29,6 +31,11 @@ pub(crate) struct Rebuild {
     pub slot: usize,
     pub gen: u64,
     pub target: String,
+    /// What to copy: sorted, disjoint `(offset_blocks, num_blocks)`.
+    pub ranges: Vec<(u64, u64)>,
+    /// Whether `ranges` came from the caller (else: the whole device).
+    pub partial: bool,
+    /// Blocks in `ranges`.
     pub total_blocks: u64,
     pub done_blocks: AtomicU64,
     pub started: Instant,
@@ -38,12 +45,25 @@ pub(crate) struct Rebuild {
 }
 
 impl Rebuild {
-    pub fn new(slot: usize, gen: u64, target: String, total_blocks: u64) -> Arc<Rebuild> {
+    /// A rebuild of `ranges` (normalised), or of the whole device of
+    /// `num_blocks` blocks when `ranges` is None.
+    pub fn new(
+        slot: usize,
+        gen: u64,
+        target: String,
+        num_blocks: u64,
+        ranges: Option<Vec<(u64, u64)>>,
+    ) -> Arc<Rebuild> {
         let (finished, _) = watch::channel(None);
+        let partial = ranges.is_some();
+        let ranges = ranges.unwrap_or_else(|| vec![(0, num_blocks)]);
+        let total_blocks = crate::extents::total_blocks(&ranges);
         Arc::new(Rebuild {
             slot,
             gen,
             target,
+            ranges,
+            partial,
             total_blocks,
             done_blocks: AtomicU64::new(0),
             started: Instant::now(),
@@ -89,6 +109,12 @@ pub struct RebuildOutcome {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub blocks_copied: u64,
+    /// Blocks it had to copy (all of the raid, or the sum of the given ranges).
+    pub blocks_total: u64,
+    /// How many (normalised) ranges a rebuild limited to `corral_rebuild_ranges`
+    /// had; absent for a whole-device rebuild.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<usize>,
     pub seconds: f64,
     pub rate_mib_s: f64,
     pub finished_at_ms: u64,
@@ -96,7 +122,8 @@ pub struct RebuildOutcome {
 
 /// Runs the rebuild of `rb.slot` onto `target` to its end.
 pub(crate) async fn run(core: Arc<Core>, rb: Arc<Rebuild>, target: Arc<Tracked>) {
-    tracing::info!(raid = %core.id.name, target = %rb.target, blocks = rb.total_blocks, "rebuild started");
+    tracing::info!(raid = %core.id.name, target = %rb.target, blocks = rb.total_blocks,
+        ranges = rb.ranges.len(), partial = rb.partial, "rebuild started");
     let mut result = copy(&core, &rb, &target).await;
     if result.is_ok() {
         result = make_online(&core, &rb).await;
@@ -130,6 +157,8 @@ pub(crate) async fn run(core: Arc<Core>, rb: Arc<Rebuild>, target: Arc<Tracked>)
             result: if result.is_ok() { "complete" } else { "failed" },
             error: result.as_ref().err().cloned(),
             blocks_copied: rb.done_blocks.load(Ordering::Relaxed),
+            blocks_total: rb.total_blocks,
+            ranges: rb.partial.then_some(rb.ranges.len()),
             seconds: secs,
             rate_mib_s: rb.rate_mib_s(core.id.block_size),
             finished_at_ms: now_ms(),
@@ -142,38 +171,42 @@ async fn copy(core: &Arc<Core>, rb: &Rebuild, target: &Tracked) -> Result<(), St
     let _tracking = core.begin_tracking().await;
     let bs = core.id.block_size as u64;
     let region = (core.opts.rebuild_region_kib as u64 * 1024 / bs).max(1);
-    let total = core.id.num_blocks;
     let mut buf = IoBuf::zeroed((region * bs) as usize);
     let mut next_slot = Instant::now();
     let zeroes = target.supports(IoKind::WriteZeroes);
-    let mut pos = 0u64;
-    while pos < total {
-        if rb.is_cancelled() {
-            return Err("cancelled (the member left or the raid stopped)".into());
-        }
-        let n = region.min(total - pos);
-        let len = (n * bs) as usize;
-        if buf.len() != len {
-            buf.resize(len);
-        }
-        let guard = core.lock_range(pos, n).await;
-        buf = core.read_from_sources(pos, n, buf, 1 << rb.slot).await?;
-        let io = if zeroes && buf.iter().all(|&b| b == 0) {
-            BdevIo::write_zeroes(pos, n)
-        } else {
-            BdevIo::write(pos, n, buf.share(), false)
-        };
-        let (io, r) = submit_wait(target, io).await;
-        drop(io);
-        r.map_err(|e| format!("writing lba {pos}+{n} to the new member failed: {e}"))?;
-        drop(guard);
-        pos += n;
-        rb.done_blocks.store(pos, Ordering::Relaxed);
-        let limit = core.rebuild_bw_mib.load(Ordering::Relaxed);
-        if limit > 0 {
-            let per = Duration::from_secs_f64(len as f64 / (limit as f64 * (1 << 20) as f64));
-            next_slot = next_slot.max(Instant::now()) + per;
-            tokio::time::sleep_until(next_slot.into()).await;
+    let mut done = 0u64;
+    for &(start, len) in &rb.ranges {
+        let end = start + len;
+        let mut pos = start;
+        while pos < end {
+            if rb.is_cancelled() {
+                return Err("cancelled (the member left or the raid stopped)".into());
+            }
+            let n = region.min(end - pos);
+            let bytes = (n * bs) as usize;
+            if buf.len() != bytes {
+                buf.resize(bytes);
+            }
+            let guard = core.lock_range(pos, n).await;
+            buf = core.read_from_sources(pos, n, buf, 1 << rb.slot).await?;
+            let io = if zeroes && buf.iter().all(|&b| b == 0) {
+                BdevIo::write_zeroes(pos, n)
+            } else {
+                BdevIo::write(pos, n, buf.share(), false)
+            };
+            let (io, r) = submit_wait(target, io).await;
+            drop(io);
+            r.map_err(|e| format!("writing lba {pos}+{n} to the new member failed: {e}"))?;
+            drop(guard);
+            pos += n;
+            done += n;
+            rb.done_blocks.store(done, Ordering::Relaxed);
+            let limit = core.rebuild_bw_mib.load(Ordering::Relaxed);
+            if limit > 0 {
+                let per = Duration::from_secs_f64(bytes as f64 / (limit as f64 * (1 << 20) as f64));
+                next_slot = next_slot.max(Instant::now()) + per;
+                tokio::time::sleep_until(next_slot.into()).await;
+            }
         }
     }
     let (_, r) = submit_wait(target, BdevIo::flush()).await;

@@ -99,8 +99,14 @@ pub struct RebuildStatus {
     pub target: String,
     pub slot: u32,
     pub blocks_done: u64,
+    /// Blocks to copy: the raid's size, or the sum of the (normalised)
+    /// `corral_rebuild_ranges` the member was added with.
     pub blocks_total: u64,
     pub percent: f64,
+    /// Number of normalised ranges of a rebuild limited to
+    /// `corral_rebuild_ranges`; absent for a whole-device rebuild.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<usize>,
     /// Average copy rate so far.
     pub rate_mib_s: f64,
     pub bandwidth_limit_mib_s: u64,
@@ -202,6 +208,7 @@ pub(crate) fn status(core: &Core) -> RaidStatus {
         blocks_done: rb.done_blocks.load(Ordering::Relaxed),
         blocks_total: rb.total_blocks,
         percent: rb.percent(),
+        ranges: rb.partial.then_some(rb.ranges.len()),
         rate_mib_s: rb.rate_mib_s(core.id.block_size),
         bandwidth_limit_mib_s: bw,
         started_at: rfc3339(rb.started_ms),

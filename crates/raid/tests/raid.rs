@@ -1,8 +1,8 @@
 //! raid1 over malloc and fault-injecting members: mirroring under concurrent
 //! verified I/O, member removal on errors and hot-remove, I5 (removal durable
-//! before the ack), read retry and write-back, rebuild under load, restart from
-//! the state dir, and the RPC-facing API with its error codes. Every test ends
-//! by verifying data.
+//! before the ack), read retry and write-back, rebuild under load (of the
+//! whole device, or of listed ranges only), restart from the state dir, and
+//! the RPC-facing API with its error codes. Every test ends by verifying data.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -992,5 +992,407 @@ async fn quiesce_drains_holds_and_resumes() {
     // Delete while quiesced: held I/O is not left waiting.
     raid.quiesce(Duration::from_secs(5), lease).await.unwrap();
     m.delete("rq").await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Copies a whole device block for block (test preparation, below the raid).
+async fn copy_device(src: &dyn Bdev, dst: &dyn Bdev, blocks: u64) {
+    let mut lba = 0;
+    while lba < blocks {
+        let n = 2048.min(blocks - lba);
+        let d = src.read_blocks(lba, n).await.unwrap();
+        dst.write_blocks(lba, &d, false).await.unwrap();
+        lba += n;
+    }
+}
+
+/// Records a write the test made itself in the load models that cover it.
+fn model_write(models: &mut [RegionModel], lba: u64, data: &[u8]) {
+    let bs = BS as usize;
+    for (i, b) in data.chunks(bs).enumerate() {
+        let l = lba + i as u64;
+        for m in models.iter_mut() {
+            if l >= m.start && l < m.start + m.known.len() as u64 {
+                let k = (l - m.start) as usize;
+                m.data[k * bs..(k + 1) * bs].copy_from_slice(b);
+                m.known[k] = true;
+            }
+        }
+    }
+}
+
+/// Checks that `writes` (sorted, from the rebuild) cover exactly the blocks of
+/// `want` that lie in `[lo, hi)`, each block once.
+fn assert_exact_cover(writes: &[(u64, u64)], want: &[(u64, u64)], lo: u64, hi: u64, what: &str) {
+    let mut sorted = writes.to_vec();
+    sorted.sort_unstable();
+    for w in sorted.windows(2) {
+        assert!(
+            w[0].0 + w[0].1 <= w[1].0,
+            "{what}: rebuild wrote {:?} and {:?} twice",
+            w[0],
+            w[1]
+        );
+    }
+    for &(o, n) in &sorted {
+        assert!(
+            want.iter().any(|&(s, l)| s <= o && o + n <= s + l),
+            "{what}: rebuild wrote {o}+{n} outside the listed ranges {want:?}"
+        );
+    }
+    let got: u64 = sorted.iter().map(|w| w.1).sum();
+    let expect: u64 = want
+        .iter()
+        .filter(|&&(s, l)| s >= lo && s + l <= hi)
+        .map(|r| r.1)
+        .sum();
+    assert_eq!(got, expect, "{what}: blocks the rebuild wrote");
+}
+
+/// Longhorn-style replica rebuild: the new member already holds the raid's
+/// data except in some ranges (in the control plane: it received the
+/// snapshot chain; the ranges are a healthy replica's head, read while the
+/// raid is quiesced). It is added with those ranges (unsorted, overlapping,
+/// adjacent) while quiesced, I/O resumes, and the rebuild copies only those
+/// ranges, under range locks, while a verified load writes; at the end every
+/// member is identical and the load's data reads back.
+///
+/// Zones: [0, 4096) takes one probe write that must wait behind the rebuild's
+/// range lock; [4096, 16384) takes the load during the rebuild;
+/// [16384, BLOCKS) takes no write after preparation, so every write the new
+/// member sees there is the rebuild's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_copies_only_the_listed_ranges_under_load() {
+    use rand::{Rng, SeedableRng};
+    let (reg, m, f, dir) = setup("ranges", 2).await;
+    let raid = m.create(params("rr", 2)).await.unwrap();
+    let rb: Arc<dyn Bdev> = reg.get("rr").unwrap();
+    // Data everywhere first.
+    let load = Load::start(rb.clone(), 8, BLOCKS / 8, 21);
+    load.wait_ops(3000, Duration::from_secs(30)).await;
+    let mut first = load.stop().await;
+    let (lo, hi) = (4096u64, 16384u64);
+    let load = Load::start_at(rb.clone(), lo, 3, 4096, 22);
+    load.wait_ops(500, Duration::from_secs(30)).await;
+
+    let fresh = FaultBdev::new("m2", BLOCKS);
+    reg.register(fresh.clone(), &[]).unwrap();
+    let listed: Vec<(u64, u64)> = vec![
+        (30000, 2048),
+        (5000, 2000),
+        (1500, 600),
+        (25050, 10),
+        (12000, 64),
+        (20001, 3),
+        (1000, 700),
+        (7000, 1000),
+        (25000, 100),
+        (20000, 1),
+    ];
+    let want = vec![
+        (1000, 1100),
+        (5000, 3000),
+        (12000, 64),
+        (20000, 4),
+        (25000, 100),
+        (30000, 2048),
+    ];
+    let total: u64 = want.iter().map(|r| r.1).sum();
+    assert_eq!(raid::normalize_ranges(&listed, BLOCKS).unwrap(), want);
+
+    let token = raid
+        .quiesce(Duration::from_secs(5), Duration::from_secs(30))
+        .await
+        .unwrap();
+    // The new member: the raid's content, but garbage in the listed ranges.
+    copy_device(&**f[0].inner(), &**fresh.inner(), BLOCKS).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    for &(o, n) in &listed {
+        let mut d = vec![0u8; (n * BS) as usize];
+        rng.fill(&mut d[..]);
+        fresh.inner().write_blocks(o, &d, false).await.unwrap();
+    }
+    assert_ne!(
+        crc_of(&**fresh.inner(), BLOCKS).await,
+        crc_of(&**f[0].inner(), BLOCKS).await
+    );
+    fresh.log_writes.store(true, Ordering::SeqCst);
+    // The rebuild's first copy stays in flight (its region locked) until released.
+    fresh.silent.store(true, Ordering::SeqCst);
+    raid.set_rebuild_bandwidth(8);
+    m.add_base_bdev_with("rr", "m2", raid::AddOptions::ranges(listed.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        raid::read_record(&dir, "rr")
+            .unwrap()
+            .unwrap()
+            .member("m2")
+            .unwrap()
+            .state,
+        RecordedState::Rebuilding,
+        "recorded rebuilding when the add returns"
+    );
+    let st = raid.status();
+    let r = st.rebuild.as_ref().unwrap();
+    assert_eq!((r.blocks_total, r.ranges), (total, Some(want.len())));
+    assert_eq!(st.base_bdevs_list[2].state, "rebuilding");
+    assert!(!st.base_bdevs_list[2].reads);
+    wait_until("first copy in flight", Duration::from_secs(5), || {
+        fresh.parked() == 1
+    })
+    .await;
+    assert_eq!(
+        fresh.write_log(),
+        vec![(1000, 512)],
+        "copies start at the lowest range"
+    );
+    raid.resume(Some(token)).unwrap();
+
+    // A user write into the region being copied waits for the copy, so the
+    // copy (older data) cannot land over it.
+    let probe = vec![0xC3u8; 8 * BS as usize];
+    let w = {
+        let rb = rb.clone();
+        let probe = probe.clone();
+        tokio::spawn(async move { rb.write_blocks(1100, &probe, false).await })
+    };
+    wait_until("probe deferred", Duration::from_secs(5), || {
+        raid.status().io.deferred_writes == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!w.is_finished(), "a write overtook the rebuild's lock");
+    fresh.delay_us.store(300, Ordering::Relaxed);
+    fresh.silent.store(false, Ordering::SeqCst);
+    fresh.release_parked(None);
+    w.await.unwrap().unwrap();
+    model_write(&mut first, 1100, &probe);
+
+    let res = tokio::time::timeout(Duration::from_secs(30), raid.wait_rebuild())
+        .await
+        .unwrap();
+    assert_eq!(res, Some(Ok(())));
+    // The new member serves reads and takes writes now.
+    load.wait_ops(500, Duration::from_secs(30)).await;
+    let models = load.stop().await;
+    fresh.log_writes.store(false, Ordering::SeqCst);
+
+    let st = raid.status();
+    assert_eq!(st.base_bdevs_list[2].state, "online");
+    assert!(st.base_bdevs_list[2].reads);
+    let last = st.last_rebuild.clone().unwrap();
+    assert_eq!(last.result, "complete");
+    assert_eq!(
+        (last.blocks_copied, last.blocks_total, last.ranges),
+        (total, total, Some(want.len()))
+    );
+    assert_eq!(
+        raid::read_record(&dir, "rr")
+            .unwrap()
+            .unwrap()
+            .member("m2")
+            .unwrap()
+            .state,
+        RecordedState::Online
+    );
+
+    // Where the new member was written. Outside the load's zone every write
+    // is the rebuild's but the probe; inside it the load writes at most 32
+    // blocks at a time and every rebuild copy here is longer.
+    let log = fresh.write_log();
+    let (inside, outside): (Vec<_>, Vec<_>) = log
+        .iter()
+        .copied()
+        .partition(|&(o, n)| o >= lo && o + n <= hi);
+    assert_eq!(
+        outside.iter().filter(|w| **w == (1100, 8)).count(),
+        1,
+        "the probe reached the new member once"
+    );
+    let copies: Vec<_> = outside.into_iter().filter(|w| *w != (1100, 8)).collect();
+    let (copies_hi, copies_lo): (Vec<_>, Vec<_>) = copies.iter().partition(|&&(o, _)| o >= hi);
+    assert_exact_cover(&copies_lo, &want, 0, lo, "probe zone");
+    assert_exact_cover(&copies_hi, &want, hi, BLOCKS, "untouched zone");
+    let big: Vec<_> = inside.iter().copied().filter(|w| w.1 > 32).collect();
+    assert_exact_cover(&big, &want, lo, hi, "load zone");
+    assert!(
+        inside.iter().filter(|w| w.1 <= 32).count() > 100,
+        "the load's writes reached the new member"
+    );
+
+    // Identical members, and the data reads back.
+    let mut c = crcs(&f).await;
+    c.push(crc_of(&**fresh.inner(), BLOCKS).await);
+    assert!(c.iter().all(|x| *x == c[0]), "members differ: {c:x?}");
+    for x in f.iter().chain(std::iter::once(&fresh)) {
+        let got = x.inner().read_blocks(1100, 8).await.unwrap();
+        assert!(got[..] == probe[..], "probe on {}", x.name());
+    }
+    verify_models(&*rb, &models).await;
+    // The first load's regions outside the load zone still hold its data.
+    let untouched: Vec<RegionModel> = first
+        .into_iter()
+        .filter(|m| m.start + m.known.len() as u64 <= lo || m.start >= hi)
+        .collect();
+    assert_eq!(untouched.len(), 5);
+    verify_models(&*rb, &untouched).await;
+    m.delete("rr").await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An empty range list: nothing to copy, the member goes in sync at once,
+/// through the same durable records (rebuilding before it sees a write,
+/// online before it serves a read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_range_list_goes_in_sync_without_copying() {
+    init_tracing();
+    let reg = BdevRegistry::new();
+    let dir = tmpdir("noranges");
+    let store = GatedStore::new(&dir);
+    let m = RaidModule::with_store(reg.clone(), store.clone(), opts());
+    let f = fault_members(&reg, "m", 2, BLOCKS);
+    let raid = m.create(params("re", 2)).await.unwrap();
+    let rb: Arc<dyn Bdev> = reg.get("re").unwrap();
+    let load = Load::start(rb.clone(), 8, BLOCKS / 8, 41);
+    load.wait_ops(2000, Duration::from_secs(30)).await;
+    let mut models = load.stop().await;
+    let fresh = FaultBdev::new("m2", BLOCKS);
+    reg.register(fresh.clone(), &[]).unwrap();
+    copy_device(&**f[0].inner(), &**fresh.inner(), BLOCKS).await;
+    fresh.log_writes.store(true, Ordering::SeqCst);
+
+    // Hold the record: until "rebuilding" is durable the member takes no write.
+    store.close();
+    let add = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            m.add_base_bdev_with("re", "m2", raid::AddOptions::ranges(Vec::new()))
+                .await
+        })
+    };
+    wait_until("record write held", Duration::from_secs(5), || {
+        store.waiting.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let a = vec![0x5Au8; 8 * BS as usize];
+    rb.write_blocks(100, &a, false).await.unwrap();
+    model_write(&mut models, 100, &a);
+    assert!(!add.is_finished());
+    assert!(
+        fresh.write_log().is_empty(),
+        "written before it was recorded"
+    );
+    // ... and is not in the new member: it has to be copied like any other.
+    fresh.inner().write_blocks(100, &a, false).await.unwrap();
+    store.open();
+    add.await.unwrap().unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), raid.wait_rebuild())
+        .await
+        .unwrap();
+    assert_eq!(res, Some(Ok(())));
+    assert!(fresh.write_log().is_empty(), "the rebuild copied something");
+    let st = raid.status();
+    assert_eq!(st.base_bdevs_list[2].state, "online");
+    assert!(st.base_bdevs_list[2].reads);
+    assert_eq!(st.num_base_bdevs_in_sync, 3);
+    let last = st.last_rebuild.clone().unwrap();
+    assert_eq!(
+        (
+            last.result,
+            last.blocks_copied,
+            last.blocks_total,
+            last.ranges
+        ),
+        ("complete", 0, 0, Some(0))
+    );
+    let mut states: Vec<RecordedState> = store
+        .history
+        .lock()
+        .iter()
+        .filter_map(|r| r.member("m2").map(|m| m.state))
+        .collect();
+    states.dedup();
+    assert_eq!(
+        states,
+        vec![RecordedState::Rebuilding, RecordedState::Online]
+    );
+
+    // It takes writes and serves reads; everything reads back.
+    let b = vec![0xA5u8; 16 * BS as usize];
+    rb.write_blocks(5000, &b, false).await.unwrap();
+    model_write(&mut models, 5000, &b);
+    assert_eq!(fresh.write_log(), vec![(5000, 16)]);
+    let before = fresh.reads.load(Ordering::Relaxed);
+    verify_models(&*rb, &models).await;
+    assert!(fresh.reads.load(Ordering::Relaxed) > before);
+    let mut c = crcs(&f).await;
+    c.push(crc_of(&**fresh.inner(), BLOCKS).await);
+    assert!(c.iter().all(|x| *x == c[0]), "members differ: {c:x?}");
+    m.delete("re").await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Ranges that do not fit the raid are refused with -EINVAL naming the raid
+/// and the range; nothing changes and I/O goes on. The same member can be
+/// added afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rebuild_ranges_are_refused_and_change_nothing() {
+    let (reg, m, f, dir) = setup("badranges", 2).await;
+    let raid = m.create(params("rx", 2)).await.unwrap();
+    let rb: Arc<dyn Bdev> = reg.get("rx").unwrap();
+    let fresh = FaultBdev::new("m2", BLOCKS);
+    reg.register(fresh.clone(), &[]).unwrap();
+    let load = Load::start(rb.clone(), 4, BLOCKS / 4, 51);
+    load.wait_ops(300, Duration::from_secs(30)).await;
+    let members = raid.record().members;
+    let generation = raid.status().persist.generation;
+    let cases: Vec<(Vec<(u64, u64)>, &str)> = vec![
+        (vec![(0, 8), (BLOCKS - 1, 2)], "entry 1 [32767, 2]"),
+        (vec![(BLOCKS, 1)], "entry 0 [32768, 1]"),
+        (vec![(u64::MAX, 2)], "entry 0 [18446744073709551615, 2]"),
+        (vec![(10, 4), (5, 0)], "entry 1 [5, 0] has no blocks"),
+    ];
+    for (ranges, needle) in cases {
+        let e = m
+            .add_base_bdev_with("rx", "m2", raid::AddOptions::ranges(ranges.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), -libc::EINVAL, "{ranges:?}: {e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("corral_rebuild_ranges") && msg.contains("'rx'") && msg.contains(needle),
+            "{ranges:?}: {msg}"
+        );
+    }
+    // An unknown raid is still -ENODEV.
+    assert_eq!(
+        errno(
+            m.add_base_bdev_with("nope", "m2", raid::AddOptions::ranges(vec![(0, 1)]))
+                .await
+        ),
+        -libc::ENODEV
+    );
+    assert_eq!(reg.claim_of("m2").map(|c| c.holder), None);
+    let st = raid.status();
+    assert_eq!((st.num_base_bdevs, st.num_base_bdevs_in_sync), (2, 2));
+    assert!(st.rebuild.is_none() && st.last_rebuild.is_none());
+    assert_eq!(st.persist.generation, generation);
+    assert_eq!(raid.record().members, members);
+    assert_eq!(fresh.writes.load(Ordering::Relaxed), 0);
+    load.wait_ops(300, Duration::from_secs(30)).await;
+    let models = load.stop().await;
+    verify_models(&*rb, &models).await;
+    let c = crcs(&f).await;
+    assert!(c.iter().all(|x| *x == c[0]), "members differ: {c:x?}");
+    // The member is still free to add (whole device).
+    m.add_base_bdev("rx", "m2").await.unwrap();
+    assert_eq!(raid.wait_rebuild().await, Some(Ok(())));
+    assert_eq!(
+        crc_of(&**fresh.inner(), BLOCKS).await,
+        crc_of(&**f[0].inner(), BLOCKS).await
+    );
+    verify_models(&*rb, &models).await;
+    m.delete("rx").await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }

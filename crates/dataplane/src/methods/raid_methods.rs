@@ -76,12 +76,36 @@ pub fn get_bdevs(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
 struct AddBase {
     raid_bdev: String,
     base_bdev: String,
+    /// corral extension (SPDK has no such parameter): rebuild only these
+    /// `[offset_blocks, num_blocks]` ranges, in raid blocks.
+    #[serde(default)]
+    corral_rebuild_ranges: Option<Vec<(u64, u64)>>,
 }
 
+/// `bdev_raid_add_base_bdev {raid_bdev, base_bdev, corral_rebuild_ranges?}`:
+/// adds a member that takes every write at once and is rebuilt in the
+/// background (answers once the rebuild started; `bdev_raid_get_bdevs` shows
+/// its progress).
+///
+/// `corral_rebuild_ranges: [[offset_blocks, num_blocks], ...]` is a corral
+/// extension: the caller vouches that the new member already holds the raid's
+/// data outside these ranges (Longhorn-style replica rebuild: the snapshot
+/// chain was copied to it, and these are the ranges allocated in a healthy
+/// replica's head, read while the raid was quiesced), so the rebuild copies
+/// only them. Ranges may be unsorted, overlapping or adjacent (they are
+/// merged); one of zero blocks or reaching past the raid is -EINVAL and
+/// nothing changes. `[]` copies nothing: the member goes online as soon as
+/// that is recorded. Absent or null: the whole device is copied, as in SPDK.
 pub async fn add_base_bdev(dp: &Arc<Dataplane>, p: Value) -> Result<Value, RpcError> {
     let a: AddBase = params(p)?;
     dp.raid
-        .add_base_bdev(&a.raid_bdev, &a.base_bdev)
+        .add_base_bdev_with(
+            &a.raid_bdev,
+            &a.base_bdev,
+            raid::AddOptions {
+                rebuild_ranges: a.corral_rebuild_ranges,
+            },
+        )
         .await
         .map_err(raid_error)?;
     Ok(json!(true))
@@ -189,4 +213,41 @@ pub fn get_records(dp: &Arc<Dataplane>, _p: Value) -> Result<Value, RpcError> {
     let recs = raid::read_records(&dp.state_dir)
         .map_err(|e| RpcError::errno_msg(libc::EIO, e.to_string()))?;
     to_value(recs)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn add_base_bdev_rebuild_ranges_param() {
+        let a: AddBase = params(json!({"raid_bdev": "r", "base_bdev": "b"})).unwrap();
+        assert_eq!(a.corral_rebuild_ranges, None);
+        let a: AddBase =
+            params(json!({"raid_bdev": "r", "base_bdev": "b", "corral_rebuild_ranges": null}))
+                .unwrap();
+        assert_eq!(a.corral_rebuild_ranges, None);
+        let a: AddBase =
+            params(json!({"raid_bdev": "r", "base_bdev": "b", "corral_rebuild_ranges": []}))
+                .unwrap();
+        assert_eq!(a.corral_rebuild_ranges, Some(vec![]));
+        let a: AddBase = params(
+            json!({"raid_bdev": "r", "base_bdev": "b", "corral_rebuild_ranges": [[8, 4], [0, 2]]}),
+        )
+        .unwrap();
+        assert_eq!(a.corral_rebuild_ranges, Some(vec![(8, 4), (0, 2)]));
+        for bad in [
+            json!([[1]]),
+            json!([[1, 2, 3]]),
+            json!([[-1, 2]]),
+            json!([1, 2]),
+        ] {
+            let r = params::<AddBase>(
+                json!({"raid_bdev": "r", "base_bdev": "b", "corral_rebuild_ranges": bad}),
+            );
+            assert!(r.is_err(), "{bad} accepted");
+        }
+    }
 }

@@ -48,6 +48,9 @@ pub struct FaultBdev {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub failed: AtomicU64,
+    /// While set, every write, write-zeroes and unmap is logged (at submit).
+    pub log_writes: AtomicBool,
+    write_log: Mutex<Vec<(u64, u64)>>,
 }
 
 impl FaultBdev {
@@ -72,6 +75,8 @@ impl FaultBdev {
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            log_writes: AtomicBool::new(false),
+            write_log: Mutex::new(Vec::new()),
         })
     }
 
@@ -103,6 +108,12 @@ impl FaultBdev {
     pub fn parked(&self) -> usize {
         self.parked.lock().len()
     }
+
+    /// The `(offset_blocks, num_blocks)` of the writes logged so far, in
+    /// submission order (see `log_writes`).
+    pub fn write_log(&self) -> Vec<(u64, u64)> {
+        self.write_log.lock().clone()
+    }
 }
 
 impl Bdev for FaultBdev {
@@ -125,6 +136,14 @@ impl Bdev for FaultBdev {
         self.inner.supports(kind)
     }
     fn submit(&self, io: BdevIo, done: Completion) {
+        if io.kind != IoKind::Read
+            && io.kind != IoKind::Flush
+            && self.log_writes.load(Ordering::SeqCst)
+        {
+            self.write_log
+                .lock()
+                .push((io.offset_blocks, io.num_blocks));
+        }
         if self.silent.load(Ordering::SeqCst) {
             self.parked.lock().push((io, done));
             return;
@@ -173,6 +192,8 @@ pub struct GatedStore {
     pub saves: AtomicU64,
     pub waiting: AtomicU64,
     pub fail: AtomicBool,
+    /// Every record saved, in order.
+    pub history: Mutex<Vec<RaidRecord>>,
 }
 
 impl GatedStore {
@@ -184,6 +205,7 @@ impl GatedStore {
             saves: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            history: Mutex::new(Vec::new()),
         })
     }
     pub fn close(&self) {
@@ -213,6 +235,7 @@ impl StateStore for GatedStore {
             return Err(std::io::Error::other("injected persist failure"));
         }
         self.inner.save(record)?;
+        self.history.lock().push(record.clone());
         self.saves.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -273,6 +296,17 @@ pub struct Load {
 
 impl Load {
     pub fn start(bdev: Arc<dyn Bdev>, tasks: usize, region_blocks: u64, seed: u64) -> Load {
+        Self::start_at(bdev, 0, tasks, region_blocks, seed)
+    }
+
+    /// The same over `[base, base + tasks * region_blocks)` only.
+    pub fn start_at(
+        bdev: Arc<dyn Bdev>,
+        base: u64,
+        tasks: usize,
+        region_blocks: u64,
+        seed: u64,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(AtomicU64::new(0));
         let handles = (0..tasks)
@@ -282,7 +316,7 @@ impl Load {
                 let ops = ops.clone();
                 tokio::spawn(async move {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 1000 + t as u64);
-                    let start = t as u64 * region_blocks;
+                    let start = base + t as u64 * region_blocks;
                     let mut m = RegionModel {
                         start,
                         data: vec![0; (region_blocks * BS) as usize],
