@@ -53,6 +53,8 @@ pub struct Dataplane {
     reactor: Mutex<Option<Arc<Reactor>>>,
     /// NBD servers by listen address.
     pub nbd: Mutex<std::collections::BTreeMap<std::net::SocketAddr, Arc<nbd::NbdServer>>>,
+    /// Running and recently ended `bdev_lvol_start_shallow_copy` operations.
+    pub(crate) shallow_copies: methods::shallow_copy::ShallowCopies,
     pub started: Instant,
     /// Unix seconds at start: with the pid, identifies this dataplane instance.
     pub started_unix: u64,
@@ -106,6 +108,7 @@ impl Dataplane {
             transport_created: AtomicBool::new(false),
             reactor: Mutex::new(None),
             nbd: Mutex::new(std::collections::BTreeMap::new()),
+            shallow_copies: Default::default(),
             started: Instant::now(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

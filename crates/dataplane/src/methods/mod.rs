@@ -7,6 +7,7 @@ mod nbd_methods;
 mod nvme_methods;
 mod nvmf_methods;
 mod raid_methods;
+pub(crate) mod shallow_copy;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -59,6 +60,8 @@ pub const METHODS: &[&str] = &[
     "corral_lvol_revert",
     "corral_lvol_get_fragmap",
     "corral_lvol_get_checksum",
+    "bdev_lvol_start_shallow_copy",
+    "bdev_lvol_check_shallow_copy",
     "bdev_raid_create",
     "bdev_raid_delete",
     "bdev_raid_get_bdevs",
@@ -162,6 +165,8 @@ async fn dispatch(dp: &Arc<Dataplane>, method: &str, p: Value) -> Result<Value, 
         "corral_lvol_revert" => blocking(dp, p, lvol_methods::revert).await,
         "corral_lvol_get_fragmap" => blocking(dp, p, lvol_methods::fragmap).await,
         "corral_lvol_get_checksum" => blocking(dp, p, lvol_methods::checksum).await,
+        "bdev_lvol_start_shallow_copy" => shallow_copy::start(dp, p).await,
+        "bdev_lvol_check_shallow_copy" => shallow_copy::check(dp, p),
         "bdev_raid_create" => raid_methods::create(dp, p).await,
         "bdev_raid_delete" => raid_methods::delete(dp, p).await,
         "bdev_raid_get_bdevs" => raid_methods::get_bdevs(dp, p),
