@@ -523,13 +523,7 @@ impl Agent {
             .find(|l| l["alias"] == alias.as_str())
             .cloned()
             .unwrap_or(Value::Null);
-        let snapshots = lvols
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["is_snapshot"] == true && s["corral_owner"] == name)
-            .filter_map(|s| s["name"].as_str().map(String::from))
-            .collect();
+        let snapshots = snapshot_chain(&lvols, &l, name);
         let subs = self
             .call("nvmf_get_subsystems", json!({"nqn": nqn}))
             .await
@@ -624,67 +618,20 @@ impl Agent {
         let mut missing = Vec::new();
         for (i, r) in spec.replicas.iter().enumerate() {
             let name = naming::engine_ctrlr_name(&r.name);
-            let subnqn = naming::replica_nqn(&r.name);
-            let want = WantCtrlr {
-                traddr: &r.traddr,
-                trsvcid: &r.trsvcid,
-                subnqn: &subnqn,
-                hostnqn: &hostnqn,
-            };
-            let entry = self.find_controller(&name).await?;
-            let decision = converge::controller(entry.as_ref(), &want);
-            let attach = match &decision {
-                Observed::Matches => {
-                    ev.push(step(
-                        "controller",
-                        &name,
-                        "adopted",
-                        &format!("epoch {}", spec.epoch),
-                    ));
-                    false
-                }
-                Observed::Differs(why) => {
-                    info!(controller = %name, why, "replacing a stale controller");
-                    self.detach_and_wait(&name).await?;
-                    ev.push(step("controller", &name, "replaced", why));
-                    true
-                }
-                Observed::Absent => true,
-            };
-            if attach {
-                let p = json!({
-                    "name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": r.traddr, "trsvcid": r.trsvcid,
-                    "subnqn": subnqn, "hostnqn": hostnqn, "multipath": "disable",
-                    "ctrlr_loss_timeout_sec": spec.knobs.ctrlr_loss_timeout_sec,
-                    "reconnect_delay_sec": spec.knobs.reconnect_delay_sec,
-                    "fast_io_fail_timeout_sec": spec.knobs.fast_io_fail_timeout_sec,
-                    "fabrics_connect_timeout_us": 5_000_000u64,
-                    // A replica that stops answering is noticed within this,
-                    // then fast_io_fail bounds the stall (I7).
-                    "corral_io_timeout_ms": (spec.knobs.fast_io_fail_timeout_sec.max(1) as u64) * 1000,
+            let adopted = format!("epoch {}", spec.epoch);
+            let attached = self
+                .converge_controller(&name, r, &hostnqn, &spec.knobs, &adopted, &mut ev)
+                .await?;
+            if let Err(e) = attached {
+                warn!(controller = %name, "replica unreachable, engine continues without it: {e}");
+                ev.push(step("controller", &name, "failed", &e.to_string()));
+                missing.push(MemberStatus {
+                    replica: r.name.clone(),
+                    state: "missing".into(),
+                    reason: Some(e.to_string()),
+                    rebuild_percent: None,
                 });
-                match self.call("bdev_nvme_attach_controller", p).await {
-                    Ok(_) => {
-                        if decision == Observed::Absent {
-                            ev.push(step(
-                                "controller",
-                                &name,
-                                "created",
-                                &format!("to {}:{}", r.traddr, r.trsvcid),
-                            ));
-                        }
-                    }
-                    Err(e) => {
-                        warn!(controller = %name, "replica unreachable, engine continues without it: {e}");
-                        ev.push(step("controller", &name, "failed", &e.to_string()));
-                        missing.push(MemberStatus {
-                            replica: r.name.clone(),
-                            state: "missing".into(),
-                            reason: Some(e.to_string()),
-                        });
-                        continue;
-                    }
-                }
+                continue;
             }
             members.push(r.name.clone());
             self.fault_point(&format!("engine.controller.{i}"));
@@ -746,6 +693,68 @@ impl Agent {
             st.endpoint = endpoint;
         }
         Ok(st)
+    }
+
+    /// Makes controller `name` to replica `r`'s subsystem, connected as
+    /// `hostnqn`, exist: adopted when it matches (event detail `adopted`),
+    /// replaced when it differs (a stale trid, host or state), created when
+    /// absent. Returns the attach's own failure separately (`Ok(Err(_))`):
+    /// an unreachable replica is for the caller to weigh.
+    async fn converge_controller(
+        &self,
+        name: &str,
+        r: &EngineReplica,
+        hostnqn: &str,
+        knobs: &Knobs,
+        adopted: &str,
+        ev: &mut Vec<StepEvent>,
+    ) -> StepResult<Result<(), DpError>> {
+        let subnqn = naming::replica_nqn(&r.name);
+        let want = WantCtrlr {
+            traddr: &r.traddr,
+            trsvcid: &r.trsvcid,
+            subnqn: &subnqn,
+            hostnqn,
+        };
+        let entry = self.find_controller(name).await?;
+        let decision = converge::controller(entry.as_ref(), &want);
+        match &decision {
+            Observed::Matches => {
+                ev.push(step("controller", name, "adopted", adopted));
+                return Ok(Ok(()));
+            }
+            Observed::Differs(why) => {
+                info!(controller = %name, why, "replacing a stale controller");
+                self.detach_and_wait(name).await?;
+                ev.push(step("controller", name, "replaced", why));
+            }
+            Observed::Absent => {}
+        }
+        let p = json!({
+            "name": name, "trtype": "tcp", "adrfam": "ipv4", "traddr": r.traddr, "trsvcid": r.trsvcid,
+            "subnqn": subnqn, "hostnqn": hostnqn, "multipath": "disable",
+            "ctrlr_loss_timeout_sec": knobs.ctrlr_loss_timeout_sec,
+            "reconnect_delay_sec": knobs.reconnect_delay_sec,
+            "fast_io_fail_timeout_sec": knobs.fast_io_fail_timeout_sec,
+            "fabrics_connect_timeout_us": 5_000_000u64,
+            // A replica that stops answering is noticed within this,
+            // then fast_io_fail bounds the stall (I7).
+            "corral_io_timeout_ms": (knobs.fast_io_fail_timeout_sec.max(1) as u64) * 1000,
+        });
+        Ok(match self.call("bdev_nvme_attach_controller", p).await {
+            Ok(_) => {
+                if decision == Observed::Absent {
+                    ev.push(step(
+                        "controller",
+                        name,
+                        "created",
+                        &format!("to {}:{}", r.traddr, r.trsvcid),
+                    ));
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        })
     }
 
     async fn create_raid(
@@ -1064,6 +1073,178 @@ impl Agent {
         })
     }
 
+    // --------------------------------------------------------- rebuilds ----
+
+    /// On the source node of a rebuild: connects to the new replica `target`
+    /// (exposed at `r`) with the rebuild host NQN; adopts a matching controller.
+    /// Returns the namespace bdev the snapshots are copied into.
+    pub async fn rebuild_connect(
+        &self,
+        target: &str,
+        r: &EngineReplica,
+        knobs: &Knobs,
+    ) -> StepResult<(String, Vec<StepEvent>)> {
+        let name = naming::rebuild_ctrlr_name(target);
+        let lock = self.lock_for(&name);
+        let _g = lock.lock().await;
+        let mut ev = Vec::new();
+        let host = naming::rebuild_hostnqn(target);
+        self.converge_controller(&name, r, &host, knobs, "rebuild", &mut ev)
+            .await?
+            .map_err(|e| StepError::new(format!("connect to rebuild target {target}"), e))?;
+        Ok((naming::engine_ns_bdev(&name), ev))
+    }
+
+    /// On the source node: drops the connection to rebuild target `target`
+    /// (done when there is none).
+    pub async fn rebuild_disconnect(&self, target: &str) -> StepResult<()> {
+        let name = naming::rebuild_ctrlr_name(target);
+        let lock = self.lock_for(&name);
+        let _g = lock.lock().await;
+        self.detach_and_wait(&name).await
+    }
+
+    /// On the source node: starts copying what snapshot `snapshot` of replica
+    /// `source` holds in its own layer into the rebuild target (SPDK's
+    /// `bdev_lvol_start_shallow_copy`). Returns the operation id.
+    pub async fn rebuild_copy_start(
+        &self,
+        target: &str,
+        source: &str,
+        disk: &str,
+        snapshot: &str,
+    ) -> StepResult<u64> {
+        let src = naming::lvol_alias(disk, &naming::snapshot_lvol(source, snapshot));
+        let dst = naming::engine_ns_bdev(&naming::rebuild_ctrlr_name(target));
+        let what = || format!("copy {src} to rebuild target {target}");
+        let r = self
+            .call(
+                "bdev_lvol_start_shallow_copy",
+                json!({"src_lvol_name": src, "dst_bdev_name": dst}),
+            )
+            .await
+            .map_err(|e| StepError::new(what(), e))?;
+        r["operation_id"].as_u64().ok_or_else(|| {
+            StepError::new(
+                what(),
+                DpError::Rpc {
+                    method: "bdev_lvol_start_shallow_copy".into(),
+                    code: -libc::EIO,
+                    message: format!("answer without an operation_id: {r}"),
+                },
+            )
+        })
+    }
+
+    /// On the source node: how copy `op` stands (`None`: the dataplane does
+    /// not know it, e.g. it restarted).
+    pub async fn rebuild_copy_check(&self, op: u64) -> StepResult<Option<CopyProgress>> {
+        match self
+            .call(
+                "bdev_lvol_check_shallow_copy",
+                json!({ "operation_id": op }),
+            )
+            .await
+        {
+            Ok(v) => Ok(Some(CopyProgress {
+                state: v["state"].as_str().unwrap_or("?").to_string(),
+                copied_blocks: v["copied_blocks"].as_u64().unwrap_or(0),
+                total_blocks: v["total_blocks"].as_u64().unwrap_or(0),
+                error: v["error"].as_str().map(String::from),
+            })),
+            Err(e)
+                if e.code().is_some_and(|c| {
+                    c == -libc::ENOENT || c == -libc::ENODEV || c == -libc::EINVAL
+                }) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(StepError::new(format!("check copy {op}"), e)),
+        }
+    }
+
+    /// The byte ranges replica `name`'s head holds in its own layer: what a
+    /// rebuild target with the same snapshots lacks.
+    pub async fn head_ranges(&self, name: &str, disk: &str) -> StepResult<Vec<(u64, u64)>> {
+        let alias = naming::lvol_alias(disk, name);
+        let f = self
+            .call(
+                "corral_lvol_get_fragmap",
+                json!({"name": alias, "scope": "layer"}),
+            )
+            .await
+            .map_err(|e| StepError::new(format!("fragmap of {alias}"), e))?;
+        let bs = f["block_size"].as_u64().unwrap_or(0);
+        Ok(f["ranges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| Some((r[0].as_u64()? * bs, r[1].as_u64()? * bs)))
+            .collect())
+    }
+
+    /// On the engine's node: makes replica `r` a member of `volume`'s raid
+    /// whose rebuild copies only `ranges` (bytes; the rest it already holds).
+    /// Adopted when it is a member already (rebuilding or in sync).
+    pub async fn add_engine_member(
+        &self,
+        volume: &str,
+        epoch: u64,
+        r: &EngineReplica,
+        knobs: &Knobs,
+        ranges: &[(u64, u64)],
+    ) -> StepResult<Vec<StepEvent>> {
+        let lock = self.lock_for(&format!("engine/{volume}"));
+        let _g = lock.lock().await;
+        let mut ev = Vec::new();
+        let raid = naming::raid_name(volume);
+        let Some(entry) = self.find_raid(&raid).await? else {
+            return Err(StepError::new(
+                format!("add {} to engine {volume}", r.name),
+                DpError::Rpc {
+                    method: "bdev_raid_get_bdevs".into(),
+                    code: -libc::ENODEV,
+                    message: format!("raid {raid} does not exist"),
+                },
+            ));
+        };
+        let ns = naming::engine_ns_bdev(&naming::engine_ctrlr_name(&r.name));
+        if raid_members(&entry)
+            .iter()
+            .any(|m| m.replica == r.name && (m.state == "rebuilding" || m.state == "online"))
+        {
+            ev.push(step("raid", &raid, "adopted", &format!("member {ns}")));
+            return Ok(ev);
+        }
+        let name = naming::engine_ctrlr_name(&r.name);
+        let host = naming::engine_hostnqn(volume, epoch);
+        self.converge_controller(&name, r, &host, knobs, &format!("epoch {epoch}"), &mut ev)
+            .await?
+            .map_err(|e| StepError::new(format!("connect engine {volume} to {}", r.name), e))?;
+        let bs = entry["block_size"]
+            .as_u64()
+            .filter(|b| *b > 0)
+            .unwrap_or(512);
+        let blocks: Vec<[u64; 2]> = ranges
+            .iter()
+            .map(|(o, n)| [o / bs, n.div_ceil(bs)])
+            .collect();
+        self.call(
+            "bdev_raid_add_base_bdev",
+            json!({"raid_bdev": raid, "base_bdev": ns, "corral_rebuild_ranges": blocks}),
+        )
+        .await
+        .map_err(|e| StepError::new(format!("add {ns} to raid {raid}"), e))?;
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        ev.push(step(
+            "raid",
+            &raid,
+            "member added",
+            &format!("{ns}, rebuilding {total} bytes"),
+        ));
+        Ok(ev)
+    }
+
     // ---------------------------------------------------------- quiesce ----
 
     /// Quiesces the engine of `volume` (its raid): new I/O waits and I/O in
@@ -1217,7 +1398,15 @@ impl Agent {
         for c in ctrls.as_array().into_iter().flatten() {
             let name = c["name"].as_str().unwrap_or("");
             let host = c["ctrlrs"][0]["host"]["nqn"].as_str().unwrap_or("");
-            if let Some((v, e)) = naming::parse_engine_hostnqn(host) {
+            if let Some(t) = naming::parse_rebuild_hostnqn(host) {
+                if !d.rebuilds.iter().any(|x| x == t) {
+                    out.push((
+                        "controller",
+                        name.to_string(),
+                        format!("rebuild copy to {t}, which no rebuild runs for"),
+                    ));
+                }
+            } else if let Some((v, e)) = naming::parse_engine_hostnqn(host) {
                 if engine_epoch(v) != Some(e) {
                     out.push((
                         "controller",
@@ -1398,9 +1587,45 @@ fn raid_members(e: &Value) -> Vec<MemberStatus> {
             replica,
             state,
             reason: b["reason"].as_str().map(String::from),
+            rebuild_percent: b["rebuild_percent"]
+                .as_f64()
+                .map(|p| p.clamp(0.0, 100.0) as u32),
         });
     }
     out
+}
+
+/// The snapshots of replica `name` (lvol names), oldest first: the chain
+/// below its head `head`, then any other of its snapshots (listing order).
+fn snapshot_chain(lvols: &Value, head: &Value, name: &str) -> Vec<String> {
+    let all: Vec<&Value> = lvols
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["is_snapshot"] == true && s["corral_owner"] == name)
+        .collect();
+    let mut chain = Vec::new();
+    let mut at = head["base_snapshot"].as_str();
+    while let Some(p) = at {
+        // Bounded by the number of snapshots: a cycle cannot loop.
+        if chain.len() >= all.len() || chain.iter().any(|c| c == p) {
+            break;
+        }
+        let Some(s) = all.iter().find(|s| s["name"] == p) else {
+            break;
+        };
+        chain.push(p.to_string());
+        at = s["base_snapshot"].as_str();
+    }
+    chain.reverse();
+    for s in &all {
+        if let Some(n) = s["name"].as_str() {
+            if !chain.iter().any(|c| c == n) {
+                chain.push(n.to_string());
+            }
+        }
+    }
+    chain
 }
 
 fn record_members(r: &Value) -> Vec<MemberStatus> {
@@ -1414,6 +1639,7 @@ fn record_members(r: &Value) -> Vec<MemberStatus> {
                 replica: n.strip_suffix("n1").unwrap_or(n).to_string(),
                 state: m["state"].as_str().unwrap_or("?").to_string(),
                 reason: m["reason"].as_str().map(String::from),
+                rebuild_percent: None,
             }
         })
         .collect()

@@ -44,6 +44,14 @@ pub fn router(agent: Arc<Agent>) -> Router {
             put(put_engine).delete(delete_engine),
         )
         .route("/v1/engines/{volume}/quiesce", post(quiesce_engine))
+        .route("/v1/engines/{volume}/members", post(add_member))
+        .route(
+            "/v1/rebuilds/{target}/connection",
+            put(rebuild_connect).delete(rebuild_disconnect),
+        )
+        .route("/v1/rebuilds/{target}/copies", post(copy_start))
+        .route("/v1/copies/{op}", get(copy_check))
+        .route("/v1/replicas/{name}/head-ranges", get(head_ranges))
         .route("/v1/engines/{volume}/resume", post(resume_engine))
         .route("/v1/desired", put(put_desired))
         .route("/v1/orphans/collect", post(collect))
@@ -205,6 +213,78 @@ async fn resume_engine(
 ) -> Response {
     match a.resume_engine(&volume, r.token).await {
         Ok(()) => Json(json!({})).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn add_member(
+    State(a): State<Arc<Agent>>,
+    Path(volume): Path<String>,
+    Json(q): Json<AddMemberReq>,
+) -> Response {
+    match a
+        .add_engine_member(&volume, q.epoch, &q.replica, &q.knobs, &q.ranges)
+        .await
+    {
+        Ok(ev) => Json(json!({ "events": ev })).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn rebuild_connect(
+    State(a): State<Arc<Agent>>,
+    Path(target): Path<String>,
+    Json(q): Json<RebuildConnectReq>,
+) -> Response {
+    match a.rebuild_connect(&target, &q.target, &q.knobs).await {
+        Ok((bdev, ev)) => Json(json!({ "bdev": bdev, "events": ev })).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn rebuild_disconnect(State(a): State<Arc<Agent>>, Path(target): Path<String>) -> Response {
+    match a.rebuild_disconnect(&target).await {
+        Ok(()) => Json(json!({})).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn copy_start(
+    State(a): State<Arc<Agent>>,
+    Path(target): Path<String>,
+    Json(q): Json<CopyReq>,
+) -> Response {
+    match a
+        .rebuild_copy_start(&target, &q.source, &q.disk, &q.snapshot)
+        .await
+    {
+        Ok(op) => Json(json!({ "operation_id": op })).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn copy_check(State(a): State<Arc<Agent>>, Path(op): Path<u64>) -> Response {
+    match a.rebuild_copy_check(op).await {
+        Ok(Some(p)) => Json(p).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(ApiError {
+                message: format!("copy {op} is not known to this node's dataplane"),
+                class: ErrorClass::Permanent,
+            }),
+        )
+            .into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn head_ranges(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Query(q): Query<DiskQ>,
+) -> Response {
+    match a.head_ranges(&name, &q.disk).await {
+        Ok(r) => Json(json!({ "ranges": r })).into_response(),
         Err(e) => step_err(e),
     }
 }

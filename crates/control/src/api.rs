@@ -88,6 +88,9 @@ pub struct MemberStatus {
     /// "online", "rebuilding", "out_of_sync", "missing".
     pub state: String,
     pub reason: Option<String>,
+    /// While rebuilding: how far, 0 to 100.
+    #[serde(default)]
+    pub rebuild_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +129,9 @@ pub struct Desired {
     pub replicas: Vec<String>,
     /// (volume, epoch) of engines on this node.
     pub engines: Vec<(String, u64)>,
+    /// Rebuild targets this node copies snapshots to (its rebuild controllers).
+    #[serde(default)]
+    pub rebuilds: Vec<String>,
     /// The manager process that computed this (`Manager::instance`).
     #[serde(default)]
     pub manager: String,
@@ -188,6 +194,42 @@ pub struct ControllerInfo {
     pub traddr: String,
     pub trsvcid: String,
     pub subnqn: String,
+}
+
+/// `PUT /v1/rebuilds/{target}/connection` on the source node of a rebuild.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildConnectReq {
+    /// Where the target replica is exposed.
+    pub target: EngineReplica,
+    pub knobs: Knobs,
+}
+
+/// `POST /v1/rebuilds/{target}/copies`: copy one snapshot of `source`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyReq {
+    pub source: String,
+    pub disk: String,
+    pub snapshot: String,
+}
+
+/// `POST /v1/engines/{volume}/members`: a replica joins a running engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddMemberReq {
+    pub epoch: u64,
+    pub replica: EngineReplica,
+    pub knobs: Knobs,
+    /// Byte ranges its rebuild copies (what it lacks).
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// How a shallow copy of a rebuild stands on its source node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyProgress {
+    /// SPDK's "in progress", "complete" or "error".
+    pub state: String,
+    pub copied_blocks: u64,
+    pub total_blocks: u64,
+    pub error: Option<String>,
 }
 
 /// `POST /v1/engines/{volume}/quiesce` on an agent.

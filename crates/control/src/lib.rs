@@ -10,5 +10,6 @@ pub mod manager_http;
 pub mod model;
 pub mod naming;
 pub mod placement;
+pub mod rebuild;
 pub mod retry;
 pub mod store;

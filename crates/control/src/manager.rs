@@ -12,6 +12,8 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tracing::{info, warn};
 
+mod rebuilder;
+
 use crate::api::*;
 use crate::model::*;
 use crate::naming;
@@ -96,6 +98,11 @@ pub struct Manager {
     pub events_tx: broadcast::Sender<Event>,
     status: Mutex<HashMap<String, (AgentStatus, Instant)>>,
     backoff: Mutex<HashMap<String, (Backoff, Instant)>>,
+    /// When each rebuilt replica joined its engine: a node status asked for
+    /// before that cannot show it as a member.
+    joined_at: Mutex<HashMap<String, Instant>>,
+    /// Per volume: the wait before the next rebuild attempt after one failed.
+    rebuild_backoff: Mutex<HashMap<String, (Backoff, Instant)>>,
     vol_locks: Mutex<HashMap<String, Arc<VolSlot>>>,
     /// Wakes the periodic loop early (a node registered).
     pub wake: Notify,
@@ -176,6 +183,8 @@ impl Manager {
             events_tx,
             status: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            rebuild_backoff: Mutex::new(HashMap::new()),
+            joined_at: Mutex::new(HashMap::new()),
             vol_locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             kick_tx,
@@ -355,7 +364,23 @@ impl Manager {
         let generation = self.desired_gen.fetch_add(1, Ordering::SeqCst) + 1;
         let replicas: Vec<Replica> = self.store.list("replica/")?;
         let volumes: Vec<Volume> = self.store.list("volume/")?;
+        let node_of = |name: &str| {
+            replicas
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.node.as_str())
+        };
+        let rebuilds = replicas
+            .iter()
+            .filter(|r| {
+                r.rebuild
+                    .as_ref()
+                    .is_some_and(|b| node_of(&b.source) == Some(node))
+            })
+            .map(|r| r.name.clone())
+            .collect();
         Ok(Desired {
+            rebuilds,
             replicas: replicas
                 .into_iter()
                 .filter(|r| r.node == node)
@@ -670,6 +695,7 @@ impl Manager {
                     reason: None,
                     last_in_sync_epoch: 0,
                     created: now_secs(),
+                    rebuild: None,
                 };
                 t.put(&rkey(&r.name), &r)?;
                 if let Some(mut n) = t.get::<Node>(&nkey(node))? {
@@ -1057,6 +1083,10 @@ impl Manager {
             (None, VolumeState::Attached | VolumeState::Attaching | VolumeState::Detaching) => {
                 self.detach(v).await
             }
+            // A rebuild needs its engine; one left from before a restart ends.
+            (_, VolumeState::Detached) => {
+                self.abandon_rebuilds(name, "the volume is detached").await
+            }
             _ => Ok(()),
         }
     }
@@ -1066,7 +1096,11 @@ impl Manager {
         let mut ok = 0;
         let mut last_err = None;
         for r in self.replicas(Some(&v.name))? {
-            if matches!(r.state, ReplicaState::Failed | ReplicaState::Deleting) {
+            // A rebuilding replica's allow-list belongs to its rebuild.
+            if matches!(
+                r.state,
+                ReplicaState::Failed | ReplicaState::Deleting | ReplicaState::Rebuilding
+            ) {
                 continue;
             }
             let node = self.node(&r.node)?;
@@ -1342,11 +1376,14 @@ impl Manager {
         } else {
             Robustness::Degraded
         };
-        self.update_volume(&v.name, |v| {
+        let v = self.update_volume(&v.name, |v| {
             v.robustness = robust;
             v.clear_condition("EngineNodeUnreachable");
         })?;
-        Ok(())
+        match engine {
+            Some(e) => self.rebuild_step(&v, e, asked).await,
+            None => Ok(()),
+        }
     }
 
     async fn detach(&self, v: Volume) -> Result<(), OpError> {
@@ -1397,6 +1434,8 @@ impl Manager {
             v.engine_node = None;
         })?;
         self.engine_built.lock().remove(&name);
+        self.abandon_rebuilds(&name, "the volume was detached")
+            .await?;
         self.transition(&name, VolumeState::Detached, "engine deleted")?;
         Ok(())
     }
@@ -1480,8 +1519,33 @@ impl Manager {
         r
     }
 
+    /// Snapshots are neither taken nor deleted while a replica of the volume
+    /// is rebuilt: its copy follows the chain as it was when it started.
+    fn refuse_while_rebuilding(&self, volume: &str, what: &str) -> Result<(), OpError> {
+        if let Some(r) = self
+            .replicas(Some(volume))?
+            .into_iter()
+            .find(|r| r.state == ReplicaState::Rebuilding)
+        {
+            return Err(OpError::new(
+                409,
+                ErrorClass::Transient,
+                format!(
+                    "volume {volume}: cannot {what} while replica {} is rebuilding ({})",
+                    r.name,
+                    r.reason.unwrap_or_default()
+                ),
+            )
+            .with_advice(format!(
+                "wait until `corral volume show {volume}` shows every replica healthy, then try again"
+            )));
+        }
+        Ok(())
+    }
+
     async fn create_snapshot_locked(&self, volume: &str, snap: &str) -> Result<Snapshot, OpError> {
         let v = self.volume(volume)?;
+        self.refuse_while_rebuilding(volume, "take a snapshot")?;
         if self.store.get::<Snapshot>(&skey(volume, snap))?.is_some() {
             return Err(OpError::conflict(format!(
                 "snapshot {snap} of {volume} already exists"
@@ -1662,10 +1726,25 @@ impl Manager {
         Ok(self.store.list(&format!("snapshot/{volume}/"))?)
     }
 
+    /// Deletes snapshot `snap` on every replica (each merges it into its
+    /// neighbour), then its record.
     pub async fn delete_snapshot(&self, volume: &str, snap: &str) -> Result<(), OpError> {
+        // Not while a rebuild starts: it would copy the chain as it was.
+        let slot = self.slot(volume);
+        let guard = slot.running.lock().await;
+        let r = self.delete_snapshot_locked(volume, snap).await;
+        drop(guard);
+        if slot.again.load(Ordering::SeqCst) {
+            self.kick(volume);
+        }
+        r
+    }
+
+    async fn delete_snapshot_locked(&self, volume: &str, snap: &str) -> Result<(), OpError> {
         if self.store.get::<Snapshot>(&skey(volume, snap))?.is_none() {
             return Err(OpError::not_found("snapshot", &format!("{volume}/{snap}")));
         }
+        self.refuse_while_rebuilding(volume, "delete a snapshot")?;
         for r in self.replicas(Some(volume))? {
             let node = self.node(&r.node)?;
             let _: serde_json::Value = self

@@ -147,6 +147,9 @@ pub enum ReplicaState {
     /// Its node or disk lost it (data missing).
     Failed,
     Deleting,
+    /// Being filled from a healthy replica (see [`RebuildInfo`]); not used
+    /// for reads, as a source, or in a new engine until it is healthy.
+    Rebuilding,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +164,59 @@ pub struct Replica {
     /// Engine epoch during which it was last known in sync.
     pub last_in_sync_epoch: u64,
     pub created: u64,
+    /// While rebuilding: from where, and how far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildInfo>,
+}
+
+/// A replica's rebuild: its snapshots are copied layer by layer from a
+/// healthy replica (only what each layer holds), then it joins the engine and
+/// receives what was written since the last snapshot (docs/CONTROL.md, "Rebuild").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebuildInfo {
+    /// The healthy replica it copies from.
+    pub source: String,
+    /// The engine epoch it is rebuilt for: a new engine ends it.
+    pub epoch: u64,
+    pub phase: RebuildPhase,
+    /// The volume's snapshots, oldest first, when it started (snapshots are
+    /// neither taken nor deleted while a rebuild runs).
+    pub snapshots: Vec<String>,
+    /// The replica it replaces, removed once this one is in sync.
+    #[serde(default)]
+    pub replaces: Option<String>,
+    /// Unix seconds.
+    pub started: u64,
+    /// Progress of the current phase, 0 to 100.
+    #[serde(default)]
+    pub percent: u32,
+}
+
+/// Where a rebuild stands (its transitions: `control::rebuild`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "step")]
+pub enum RebuildPhase {
+    /// The new replica is being created and connected to the source node.
+    Preparing,
+    /// Snapshot `index` (of `RebuildInfo::snapshots`) is being copied; `op` is
+    /// the source dataplane's shallow-copy operation once started.
+    CopySnapshot { index: usize, op: Option<u64> },
+    /// Joining the engine: a raid member that gets what the source's head
+    /// layer holds (listed with the engine quiesced).
+    Join,
+    /// A raid member being filled.
+    SyncHead,
+}
+
+impl std::fmt::Display for RebuildPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RebuildPhase::Preparing => write!(f, "preparing"),
+            RebuildPhase::CopySnapshot { index, .. } => write!(f, "copying snapshot {}", index + 1),
+            RebuildPhase::Join => write!(f, "joining the engine"),
+            RebuildPhase::SyncHead => write!(f, "syncing the head"),
+        }
+    }
 }
 
 /// An event a user can list.

@@ -41,6 +41,26 @@ pub fn parse_engine_hostnqn(nqn: &str) -> Option<(&str, u64)> {
     Some((v, e.parse().ok()?)).filter(|(v, _)| !v.is_empty())
 }
 
+/// Host NQN with which the source node of a rebuild connects to the new
+/// replica `target` to copy the volume's snapshots into it.
+pub fn rebuild_hostnqn(target: &str) -> String {
+    format!("{NQN_PREFIX}:rebuild:{target}")
+}
+
+/// The rebuild target replica of a rebuild host NQN.
+pub fn parse_rebuild_hostnqn(nqn: &str) -> Option<&str> {
+    nqn.strip_prefix(NQN_PREFIX)?
+        .strip_prefix(":rebuild:")
+        .filter(|r| !r.is_empty())
+}
+
+/// Name of the source node's controller to the rebuild target `target`
+/// (distinct from the engine's controller to it, which may live on the same
+/// dataplane once the target joins the engine).
+pub fn rebuild_ctrlr_name(target: &str) -> String {
+    format!("{target}.rebuild")
+}
+
 /// NQN of the NVMe/TCP frontend of volume `volume`.
 pub fn volume_nqn(volume: &str) -> String {
     format!("{NQN_PREFIX}:volume:{volume}")
@@ -136,6 +156,13 @@ mod tests {
             None
         );
         assert_eq!(parse_volume_nqn(&volume_nqn("v")), Some("v"));
+        assert_eq!(
+            parse_rebuild_hostnqn(&rebuild_hostnqn(&r)),
+            Some(r.as_str())
+        );
+        assert_eq!(parse_rebuild_hostnqn(&engine_hostnqn("v", 1)), None);
+        assert_ne!(rebuild_ctrlr_name(&r), engine_ctrlr_name(&r));
+        assert_eq!(replica_volume(&rebuild_ctrlr_name(&r)), None);
         assert_eq!(replica_volume("not-a-replica"), None);
         assert_eq!(engine_ns_bdev("v-r0123abcd"), "v-r0123abcdn1");
         assert!(engine_hostnqn(&"v".repeat(63), u64::MAX).len() <= 223);

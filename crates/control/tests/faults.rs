@@ -129,7 +129,8 @@ async fn foreign_controller_under_a_replica_name_is_replaced() {
 
 /// 5. A replica's node stops (SIGSTOP of its dataplane): I/O stalls no longer
 /// than fast_io_fail, continues on the others; the replica is recorded out of
-/// sync; after SIGCONT it is not used as RW (the next engine leaves it out).
+/// sync; after SIGCONT it is not used as RW (the next engine leaves it out)
+/// until a rebuilt replica replaces it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_replica_node_bounded_stall_then_out_of_sync() {
     let c = Cluster::start(3, 5).await;
@@ -195,15 +196,23 @@ async fn stopped_replica_node_bounded_stall_then_out_of_sync() {
         "out-of-sync replica used as RW: {:?}",
         e.members
     );
-    assert_eq!(
-        m.replicas(Some("v5"))
-            .unwrap()
-            .iter()
-            .find(|r| r.name == victim.name)
-            .unwrap()
-            .state,
-        ReplicaState::OutOfSync
-    );
+    // It is never used again: a rebuilt replica on its node replaces it.
+    c.wait(
+        "the victim replaced by a rebuilt replica",
+        Duration::from_secs(120),
+        |m| {
+            let rs = m.replicas(Some("v5")).unwrap();
+            !rs.iter().any(|r| r.name == victim.name)
+                && rs
+                    .iter()
+                    .any(|r| r.node == "node3" && r.state == ReplicaState::Healthy)
+        },
+    )
+    .await;
+    assert!(c
+        .events()
+        .iter()
+        .all(|e| !(e.object == victim.name && e.reason == "RebuildStarted")));
     qemu_io(&v.endpoint.unwrap(), &["read -P 0x55 48M 4M".into()]).unwrap();
     no_orphans(&c).await;
 }

@@ -1069,6 +1069,7 @@ mod tests {
                 reason: Some("dropped by the engine".into()),
                 last_in_sync_epoch: 1,
                 created: 900,
+                rebuild: None,
             }],
             snapshots: vec![],
             event_seq: None,

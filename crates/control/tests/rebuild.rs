@@ -1,0 +1,190 @@
+//! Replica rebuild end to end, with real dataplanes, agents and fio: a replica
+//! drops out of an attached volume under write load; a new replica receives
+//! the snapshot chain layer by layer from a healthy one, joins the engine, gets
+//! what was written since the last snapshot, and replaces the lost one. Ends by
+//! verifying data: fio's verify pass, and every snapshot and head identical on
+//! every replica (checksums), and the volume usable on another node.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{qemu_io, Cluster, Fio};
+use control::model::*;
+use serde_json::json;
+
+/// The checksum of lvol `lvol` of replica `r`, from its node's dataplane.
+async fn checksum(c: &Cluster, r: &Replica, lvol: &str) -> String {
+    let n = c.nodes.iter().find(|n| n.name == r.node).unwrap();
+    let v = n
+        .agent
+        .call(
+            "corral_lvol_get_checksum",
+            json!({ "name": control::naming::lvol_alias(&r.disk, lvol) }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("checksum of {lvol} on {}: {e}", r.node));
+    v["checksum"].as_str().unwrap().to_string()
+}
+
+async fn same_everywhere(
+    c: &Cluster,
+    rs: &[Replica],
+    what: &str,
+    lvol: impl Fn(&Replica) -> String,
+) {
+    let mut sums = Vec::new();
+    for r in rs {
+        sums.push((r.name.clone(), checksum(c, r, &lvol(r)).await));
+    }
+    assert!(
+        sums.iter().all(|(_, s)| *s == sums[0].1),
+        "{what} differs between replicas: {sums:?}"
+    );
+}
+
+fn attach(c: &Cluster, v: &str, node: &str) {
+    c.manager
+        .set_attach(
+            v,
+            Some(AttachSpec {
+                node: node.into(),
+                frontend: Frontend::Nbd,
+            }),
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replica_is_rebuilt_under_load_with_its_snapshots() {
+    let c = Cluster::start(3, 14).await;
+    let m = &c.manager;
+    m.create_volume("rv", 96 << 20, 3).unwrap();
+    c.wait_state("rv", VolumeState::Detached, Duration::from_secs(30))
+        .await;
+    attach(&c, "rv", "node1");
+    let v = c
+        .wait_state("rv", VolumeState::Attached, Duration::from_secs(60))
+        .await;
+    let uri = v.endpoint.clone().unwrap();
+    // A chain with layers that differ: s1 holds A; s2 overwrites part of it,
+    // zeroes another part (a zero block hiding s1's data) and adds B; the head
+    // then gets C, and fio's load on top.
+    qemu_io(
+        &uri,
+        &["write -P 0xa1 0 8M".into(), "write -P 0xa2 16M 4M".into()],
+    )
+    .unwrap();
+    m.create_snapshot("rv", "s1").await.unwrap();
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xb1 4M 2M".into(),
+            "write -z 16M 1M".into(),
+            "write -P 0xb2 24M 4M".into(),
+        ],
+    )
+    .unwrap();
+    m.create_snapshot("rv", "s2").await.unwrap();
+    qemu_io(&uri, &["write -P 0xc1 6M 1M".into()]).unwrap();
+    let fio = Fio::write_verify(
+        &uri,
+        32 << 20,
+        32 << 20,
+        "6m",
+        &c.dir.path().join("fio.json"),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // node3's replica leaves the mirror (as after an I/O error).
+    let victim = m
+        .replicas(Some("rv"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == "node3")
+        .unwrap();
+    c.nodes[0]
+        .agent
+        .call(
+            "bdev_raid_remove_base_bdev",
+            json!({ "name": control::naming::engine_ns_bdev(&victim.name) }),
+        )
+        .await
+        .unwrap();
+    c.wait("a replacement rebuilt", Duration::from_secs(120), |m| {
+        let rs = m.replicas(Some("rv")).unwrap();
+        rs.len() == 3
+            && rs.iter().all(|r| r.state == ReplicaState::Healthy)
+            && !rs.iter().any(|r| r.name == victim.name)
+    })
+    .await;
+    let ev = c.events();
+    let started = ev
+        .iter()
+        .find(|e| e.reason == "RebuildStarted")
+        .expect("a RebuildStarted event");
+    assert!(started.message.contains("2 snapshot(s)"), "{started:?}");
+    assert!(
+        ev.iter().any(|e| e.reason == "Rebuilt"),
+        "no Rebuilt event: {ev:#?}"
+    );
+    assert!(ev
+        .iter()
+        .any(|e| e.reason == "Replaced" && e.object == victim.name));
+    assert!(
+        !ev.iter().any(|e| e.reason == "RebuildFailed"),
+        "{:#?}",
+        ev.iter()
+            .filter(|e| e.kind == "replica")
+            .collect::<Vec<_>>()
+    );
+    c.wait("volume healthy", Duration::from_secs(20), |m| {
+        m.volume("rv").unwrap().robustness == Robustness::Healthy
+    })
+    .await;
+    let j = tokio::task::spawn_blocking(move || fio.wait(Duration::from_secs(120)))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("fio across the rebuild: {e}"));
+    assert!(j["jobs"][0]["write"]["io_bytes"].as_u64().unwrap() >= 32 << 20);
+
+    // Every layer is the same on every replica, the rebuilt one included.
+    m.set_attach("rv", None).unwrap();
+    c.wait_state("rv", VolumeState::Detached, Duration::from_secs(60))
+        .await;
+    let rs = m.replicas(Some("rv")).unwrap();
+    for s in ["s1", "s2"] {
+        same_everywhere(&c, &rs, &format!("snapshot {s}"), |r| {
+            control::naming::snapshot_lvol(&r.name, s)
+        })
+        .await;
+    }
+    same_everywhere(&c, &rs, "head", |r| r.name.clone()).await;
+    // The new replica serves alone: attach with it only in sync... simplest
+    // proof that it holds the data is an engine on another node reading the
+    // patterns back (its reads spread over every member).
+    attach(&c, "rv", "node3");
+    let v = c
+        .wait_state("rv", VolumeState::Attached, Duration::from_secs(60))
+        .await;
+    qemu_io(
+        &v.endpoint.unwrap(),
+        &[
+            "read -P 0xa1 0 4M".into(),
+            "read -P 0xb1 4M 2M".into(),
+            "read -P 0xc1 6M 1M".into(),
+            "read -P 0xa1 7M 1M".into(),
+            "read -P 0 16M 1M".into(),
+            "read -P 0xa2 17M 3M".into(),
+            "read -P 0xb2 24M 4M".into(),
+        ],
+    )
+    .unwrap();
+    // Snapshots work again once the rebuild is over.
+    m.create_snapshot("rv", "s3").await.unwrap();
+    c.manager.poll_nodes().await;
+    c.manager.poll_nodes().await;
+    assert!(m.orphans().is_empty(), "orphans: {:?}", m.orphans());
+}
