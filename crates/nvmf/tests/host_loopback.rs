@@ -211,12 +211,17 @@ async fn target_restarted_during_io_loses_no_io() {
         b.clone(),
         model.clone(),
         11,
-        400,
+        // Enough rounds that the target goes down in the middle of them even
+        // on a fast, quiet machine (400 once finished within the 300 ms).
+        4000,
         16,
         256 << 10,
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!io.is_finished());
+    assert!(
+        !io.is_finished(),
+        "the I/O ended before the target went down"
+    );
     t.down();
     wait_state(&c, CtrlrState::Resetting, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
