@@ -1225,10 +1225,11 @@ impl Agent {
             .as_u64()
             .filter(|b| *b > 0)
             .unwrap_or(512);
-        let blocks: Vec<[u64; 2]> = ranges
-            .iter()
-            .map(|(o, n)| [o / bs, n.div_ceil(bs)])
-            .collect();
+        let blocks: Vec<[u64; 2]> =
+            crate::rebuild::coalesce(ranges.to_vec(), crate::rebuild::COALESCE_GAP)
+                .iter()
+                .map(|(o, n)| [o / bs, (o + n).div_ceil(bs) - o / bs])
+                .collect();
         self.call(
             "bdev_raid_add_base_bdev",
             json!({"raid_bdev": raid, "base_bdev": ns, "corral_rebuild_ranges": blocks}),
@@ -1242,6 +1243,49 @@ impl Agent {
             "member added",
             &format!("{ns}, rebuilding {total} bytes"),
         ));
+        Ok(ev)
+    }
+
+    /// On the engine's node: takes replica `replica` out of `volume`'s engine
+    /// (out of the raid if it is a member, then its controller). Done when
+    /// neither exists.
+    pub async fn remove_engine_member(
+        &self,
+        volume: &str,
+        replica: &str,
+    ) -> StepResult<Vec<StepEvent>> {
+        let lock = self.lock_for(&format!("engine/{volume}"));
+        let _g = lock.lock().await;
+        let mut ev = Vec::new();
+        let raid = naming::raid_name(volume);
+        let name = naming::engine_ctrlr_name(replica);
+        let ns = naming::engine_ns_bdev(&name);
+        if let Some(entry) = self.find_raid(&raid).await? {
+            let member = entry["base_bdevs_list"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|b| b["name"] == ns.as_str());
+            if member {
+                match self
+                    .call("bdev_raid_remove_base_bdev", json!({ "name": ns }))
+                    .await
+                {
+                    Ok(_) => ev.push(step("raid", &raid, "member removed", &ns)),
+                    Err(e) if absent_code(&e) => {}
+                    Err(e) => return Err(StepError::new(format!("remove {ns} from {raid}"), e)),
+                }
+            }
+        }
+        if self.find_controller(&name).await?.is_some() {
+            self.detach_and_wait(&name).await?;
+            ev.push(step(
+                "controller",
+                &name,
+                "deleted",
+                "replica left the engine",
+            ));
+        }
         Ok(ev)
     }
 

@@ -46,6 +46,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/engines/{volume}/quiesce", post(quiesce_engine))
         .route("/v1/engines/{volume}/members", post(add_member))
         .route(
+            "/v1/engines/{volume}/members/{replica}",
+            axum::routing::delete(remove_member),
+        )
+        .route(
             "/v1/rebuilds/{target}/connection",
             put(rebuild_connect).delete(rebuild_disconnect),
         )
@@ -226,6 +230,16 @@ async fn add_member(
         .add_engine_member(&volume, q.epoch, &q.replica, &q.knobs, &q.ranges)
         .await
     {
+        Ok(ev) => Json(json!({ "events": ev })).into_response(),
+        Err(e) => step_err(e),
+    }
+}
+
+async fn remove_member(
+    State(a): State<Arc<Agent>>,
+    Path((volume, replica)): Path<(String, String)>,
+) -> Response {
+    match a.remove_engine_member(&volume, &replica).await {
         Ok(ev) => Json(json!({ "events": ev })).into_response(),
         Err(e) => step_err(e),
     }

@@ -513,6 +513,7 @@ impl Manager {
                 .into_iter()
                 .find(|r| &r.name == old && r.state != ReplicaState::Healthy)
             {
+                self.leave_engine(v, &r.name).await;
                 self.remove_replica(&r, v.size_bytes).await?;
                 self.event(
                     "replica",
@@ -550,6 +551,15 @@ impl Manager {
             }
         }
         self.joined_at.lock().remove(&t.name);
+        let joined = t
+            .rebuild
+            .as_ref()
+            .is_some_and(|b| matches!(b.phase, RebuildPhase::Join | RebuildPhase::SyncHead));
+        if joined {
+            if let Ok(v) = self.volume(&t.volume) {
+                self.leave_engine(&v, &t.name).await;
+            }
+        }
         let size = self.volume(&t.volume).map(|v| v.size_bytes).unwrap_or(0);
         self.remove_replica(t, size).await?;
         let mut g = self.rebuild_backoff.lock();
@@ -569,6 +579,31 @@ impl Manager {
             format!("{why}; next attempt in {} s", wait.as_secs()),
         );
         Ok(())
+    }
+
+    /// Takes replica `replica` out of `v`'s engine, if it has one (best
+    /// effort: what stays is an engine controller whose replica is gone; it
+    /// ends with its controller-loss timeout).
+    async fn leave_engine(&self, v: &Volume, replica: &str) {
+        let Some(en) = v.engine_node.as_deref().and_then(|n| self.node(n).ok()) else {
+            return;
+        };
+        let r: Result<Value, OpError> = self
+            .agent(
+                &en,
+                Method::DELETE,
+                &format!("/v1/engines/{}/members/{replica}", v.name),
+                None::<&()>,
+            )
+            .await;
+        match r {
+            Ok(r) => {
+                if let Ok(ev) = serde_json::from_value::<Vec<StepEvent>>(r["events"].clone()) {
+                    self.emit_steps(&ev);
+                }
+            }
+            Err(e) => warn!(replica, "not taken out of the engine now: {}", e.message),
+        }
     }
 
     /// Deletes replica `r` on its node (left to orphan collection if its node
