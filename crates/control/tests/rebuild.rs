@@ -188,3 +188,108 @@ async fn lost_replica_is_rebuilt_under_load_with_its_snapshots() {
     c.manager.poll_nodes().await;
     assert!(m.orphans().is_empty(), "orphans: {:?}", m.orphans());
 }
+
+/// The rebuild target's dataplane dies while a snapshot is being copied into
+/// it: the copy fails, the rebuild is abandoned (its leftovers become orphans,
+/// collected), and once the node is back a new rebuild completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_lost_mid_copy_then_a_new_rebuild_completes() {
+    let mut c = Cluster::start(3, 15).await;
+    let m = c.manager.clone();
+    m.create_volume("rt", 1 << 30, 3).unwrap();
+    c.wait_state("rt", VolumeState::Detached, Duration::from_secs(30))
+        .await;
+    attach(&c, "rt", "node1");
+    let v = c
+        .wait_state("rt", VolumeState::Attached, Duration::from_secs(60))
+        .await;
+    let uri = v.endpoint.clone().unwrap();
+    // A snapshot big enough that its copy takes a while.
+    qemu_io(&uri, &["write -P 0x61 0 768M".into()]).unwrap();
+    m.create_snapshot("rt", "s1").await.unwrap();
+    qemu_io(&uri, &["write -P 0x62 8M 8M".into()]).unwrap();
+    let victim = m
+        .replicas(Some("rt"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == "node3")
+        .unwrap();
+    c.nodes[0]
+        .agent
+        .call(
+            "bdev_raid_remove_base_bdev",
+            json!({ "name": control::naming::engine_ns_bdev(&victim.name) }),
+        )
+        .await
+        .unwrap();
+    c.wait("copying into the target", Duration::from_secs(60), |m| {
+        m.replicas(Some("rt")).unwrap().iter().any(|r| {
+            r.rebuild
+                .as_ref()
+                .is_some_and(|b| matches!(b.phase, RebuildPhase::CopySnapshot { op: Some(_), .. }))
+        })
+    })
+    .await;
+    let first = m
+        .replicas(Some("rt"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.state == ReplicaState::Rebuilding)
+        .unwrap();
+    assert_eq!(first.node, "node3");
+    c.nodes[2].dp.kill9();
+    c.wait("the rebuild abandoned", Duration::from_secs(60), |m| {
+        !m.replicas(Some("rt"))
+            .unwrap()
+            .iter()
+            .any(|r| r.name == first.name)
+    })
+    .await;
+    let failed = c
+        .events()
+        .into_iter()
+        .find(|e| e.reason == "RebuildFailed" && e.object == first.name)
+        .expect("a RebuildFailed event");
+    assert!(failed.message.contains("next attempt in"), "{failed:?}");
+    c.nodes[2].dp.restart();
+    c.wait("a new rebuild done", Duration::from_secs(180), |m| {
+        let rs = m.replicas(Some("rt")).unwrap();
+        rs.len() == 3
+            && rs.iter().all(|r| r.state == ReplicaState::Healthy)
+            && !rs
+                .iter()
+                .any(|r| r.name == victim.name || r.name == first.name)
+    })
+    .await;
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x61 0 8M".into(),
+            "read -P 0x62 8M 8M".into(),
+            "read -P 0x61 700M 68M".into(),
+        ],
+    )
+    .unwrap();
+    m.set_attach("rt", None).unwrap();
+    c.wait_state("rt", VolumeState::Detached, Duration::from_secs(60))
+        .await;
+    let rs = m.replicas(Some("rt")).unwrap();
+    same_everywhere(&c, &rs, "snapshot s1", |r| {
+        control::naming::snapshot_lvol(&r.name, "s1")
+    })
+    .await;
+    same_everywhere(&c, &rs, "head", |r| r.name.clone()).await;
+    // What the abandoned rebuild left on node3 is an orphan, collected.
+    m.poll_nodes().await;
+    m.poll_nodes().await;
+    let left: Vec<_> = m.orphans();
+    assert!(
+        left.iter()
+            .all(|(n, o)| n == "node3" && o.name.contains(&first.name)),
+        "unexpected orphans: {left:?}"
+    );
+    m.collect_orphans(true).await.unwrap();
+    m.poll_nodes().await;
+    m.poll_nodes().await;
+    assert!(m.orphans().is_empty(), "orphans: {:?}", m.orphans());
+}
