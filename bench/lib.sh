@@ -80,3 +80,20 @@ wait_port() { # wait_port PORT [seconds]
 
 # Median of the numbers on stdin.
 median() { sort -g | awk '{a[NR]=$1} END{ if (NR==0) print 0; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+
+# Starts `corral up --nodes 3 --no-volume` in $DIR on addresses PREFIX.1-3
+# (removing $DIR at exit), waits for the nodes, pins every corral process to
+# CPU 0, and exports CORRAL_MANAGER. `q` runs a quiet CLI command.
+up3() { # up3 ADDRESS_PREFIX
+    rm -rf "$DIR"; mkdir -p "$DIR"
+    local port i p
+    port=$(free_port)
+    export CORRAL_MANAGER=http://127.0.0.1:$port
+    trap 'cleanup; rm -rf "$DIR"' EXIT INT TERM
+    "$CORRAL" up --data-dir "$DIR" --nodes 3 --no-volume --manager-listen "127.0.0.1:$port" \
+        --address-prefix "$1" >"$DIR/up.out" 2>&1 &
+    PIDS+=($!)
+    for i in $(seq 100); do "$CORRAL" node ls -o json 2>/dev/null | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if len(n)==3 and all(x["ready"] for x in n) else 1)' 2>/dev/null && break; sleep 0.3; done
+    for p in $(pgrep -f "corral (dataplane|agent|manager).*$DIR"); do pin_all "$p" 0; done
+}
+q() { "$CORRAL" "$@" >/dev/null; }

@@ -15,16 +15,7 @@ DIR=${DIR:-/work/bench-rebuild}
 need taskset util-linux; need python3 python3; need fio fio; need cargo
 need_done
 build_corral
-rm -rf "$DIR"; mkdir -p "$DIR"
-PORT=$(free_port)
-export CORRAL_MANAGER=http://127.0.0.1:$PORT
-trap 'cleanup; rm -rf "$DIR"' EXIT INT TERM
-"$CORRAL" up --data-dir "$DIR" --nodes 3 --no-volume --manager-listen "127.0.0.1:$PORT" \
-    --address-prefix 127.0.10 >"$DIR/up.out" 2>&1 &
-PIDS+=($!)
-for i in $(seq 100); do "$CORRAL" node ls -o json 2>/dev/null | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if len(n)==3 and all(x["ready"] for x in n) else 1)' 2>/dev/null && break; sleep 0.3; done
-for p in $(pgrep -f "corral (dataplane|agent|manager).*$DIR"); do pin_all "$p" 0; done
-q() { "$CORRAL" "$@" >/dev/null; }
+up3 127.0.10
 rpc() { "$CORRAL" rpc -s "$DIR/$1/rpc.sock" "$2" "$3"; }
 q volume create rb --size "${SIZE}MiB" --replicas 3
 q volume attach rb --node node1

@@ -13,18 +13,6 @@ use common::{qemu_io, set_fault, Cluster, Fio};
 use control::model::*;
 use serde_json::json;
 
-fn attach(c: &Cluster, v: &str, node: &str) {
-    c.manager
-        .set_attach(
-            v,
-            Some(AttachSpec {
-                node: node.into(),
-                frontend: Frontend::Nbd,
-            }),
-        )
-        .unwrap();
-}
-
 async fn wait_exited(c: &mut Cluster, i: usize, t: Duration) {
     let t0 = Instant::now();
     while t0.elapsed() < t {
@@ -86,7 +74,7 @@ async fn crash_at_every_step_then_converge() {
             .await;
         let is_detach = point.starts_with("engine.detach");
         if is_detach {
-            attach(&c, &vol, "node1");
+            c.attach(&vol, "node1");
             let v = c
                 .wait_state(&vol, VolumeState::Attached, Duration::from_secs(60))
                 .await;
@@ -99,12 +87,12 @@ async fn crash_at_every_step_then_converge() {
         if is_detach {
             m.set_attach(&vol, None).unwrap();
         } else {
-            attach(&c, &vol, "node1");
+            c.attach(&vol, "node1");
         }
         wait_exited(&mut c, crashed, Duration::from_secs(60)).await;
         if is_detach {
             // The user attaches again while the detach was cut short.
-            attach(&c, &vol, "node1");
+            c.attach(&vol, "node1");
         }
         let a0 = m.volume(&vol).unwrap().attach_attempts;
         c.nodes[crashed].agent_proc.as_mut().unwrap().restart();
@@ -184,7 +172,7 @@ async fn agent_kill9_under_io_interrupts_nothing() {
     m.create_volume("a3", 64 << 20, 2).unwrap();
     c.wait_state("a3", VolumeState::Detached, Duration::from_secs(30))
         .await;
-    attach(&c, "a3", "node1");
+    c.attach("a3", "node1");
     let v = c
         .wait_state("a3", VolumeState::Attached, Duration::from_secs(60))
         .await;

@@ -12,18 +12,6 @@ use common::{fio_max_write_lat_s, qemu_io, Blackhole, Cluster, Fio};
 use control::model::*;
 use serde_json::json;
 
-fn attach(c: &Cluster, v: &str, node: &str) {
-    c.manager
-        .set_attach(
-            v,
-            Some(AttachSpec {
-                node: node.into(),
-                frontend: Frontend::Nbd,
-            }),
-        )
-        .unwrap();
-}
-
 async fn no_orphans(c: &Cluster) {
     c.manager.poll_nodes().await;
     c.manager.poll_nodes().await;
@@ -77,7 +65,7 @@ async fn foreign_controller_under_a_replica_name_is_replaced() {
     )
     .await
     .unwrap();
-    attach(&c, "v6", "node1");
+    c.attach("v6", "node1");
     let v = c
         .wait_state("v6", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -115,7 +103,7 @@ async fn foreign_controller_under_a_replica_name_is_replaced() {
     m.set_attach("v6", None).unwrap();
     c.wait_state("v6", VolumeState::Detached, Duration::from_secs(60))
         .await;
-    attach(&c, "v6", "node2");
+    c.attach("v6", "node2");
     let v = c
         .wait_state("v6", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -138,7 +126,7 @@ async fn stopped_replica_node_bounded_stall_then_out_of_sync() {
     m.create_volume("v5", 64 << 20, 3).unwrap();
     c.wait_state("v5", VolumeState::Detached, Duration::from_secs(30))
         .await;
-    attach(&c, "v5", "node1");
+    c.attach("v5", "node1");
     let v = c
         .wait_state("v5", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -185,7 +173,7 @@ async fn stopped_replica_node_bounded_stall_then_out_of_sync() {
     m.set_attach("v5", None).unwrap();
     c.wait_state("v5", VolumeState::Detached, Duration::from_secs(60))
         .await;
-    attach(&c, "v5", "node2");
+    c.attach("v5", "node2");
     let v = c
         .wait_state("v5", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -233,7 +221,7 @@ async fn removed_disk_is_permanent_and_nothing_flaps() {
         .find(|r| r.node == "node3")
         .unwrap();
     std::fs::remove_dir_all(&c.nodes[2].disk).unwrap();
-    attach(&c, "v7", "node1");
+    c.attach("v7", "node1");
     let v = c
         .wait_state("v7", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -279,7 +267,7 @@ async fn engine_dataplane_kill9_reattaches() {
     m.create_volume("v4", 64 << 20, 3).unwrap();
     c.wait_state("v4", VolumeState::Detached, Duration::from_secs(30))
         .await;
-    attach(&c, "v4", "node1");
+    c.attach("v4", "node1");
     let v = c
         .wait_state("v4", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -418,7 +406,7 @@ async fn attach_latency_does_not_grow_with_volumes() {
     for i in 0..n {
         let name = format!("w{i:02}");
         let t0 = Instant::now();
-        attach(&c, &name, "node1");
+        c.attach(&name, "node1");
         loop {
             let seq = m.event_seq();
             if m.volume(&name).unwrap().state == VolumeState::Attached {
@@ -472,7 +460,7 @@ async fn orphans_are_listed_then_collected_after_the_grace_period() {
     m.create_volume("o1", 32 << 20, 2).unwrap();
     c.wait_state("o1", VolumeState::Detached, Duration::from_secs(30))
         .await;
-    attach(&c, "o1", "node1");
+    c.attach("o1", "node1");
     let v = c
         .wait_state("o1", VolumeState::Attached, Duration::from_secs(60))
         .await;

@@ -13,49 +13,6 @@ use std::time::Duration;
 
 use common::{qemu_io, Cluster, Fio};
 use control::model::*;
-use serde_json::json;
-
-/// The checksum of lvol `lvol` of replica `r`, from its node's dataplane.
-async fn checksum(c: &Cluster, r: &Replica, lvol: &str) -> String {
-    let n = c.nodes.iter().find(|n| n.name == r.node).unwrap();
-    let v = n
-        .agent
-        .call(
-            "corral_lvol_get_checksum",
-            json!({ "name": control::naming::lvol_alias(&r.disk, lvol) }),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("checksum of {lvol} on {}: {e}", r.node));
-    v["checksum"].as_str().unwrap().to_string()
-}
-
-async fn same_everywhere(
-    c: &Cluster,
-    rs: &[Replica],
-    what: &str,
-    lvol: impl Fn(&Replica) -> String,
-) {
-    let mut sums = Vec::new();
-    for r in rs {
-        sums.push((r.name.clone(), checksum(c, r, &lvol(r)).await));
-    }
-    assert!(
-        sums.iter().all(|(_, s)| *s == sums[0].1),
-        "{what} differs between replicas: {sums:?}"
-    );
-}
-
-fn attach(c: &Cluster, v: &str, node: &str) {
-    c.manager
-        .set_attach(
-            v,
-            Some(AttachSpec {
-                node: node.into(),
-                frontend: Frontend::Nbd,
-            }),
-        )
-        .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_replica_is_rebuilt_under_load_with_its_snapshots() {
@@ -64,7 +21,7 @@ async fn lost_replica_is_rebuilt_under_load_with_its_snapshots() {
     m.create_volume("rv", 96 << 20, 3).unwrap();
     c.wait_state("rv", VolumeState::Detached, Duration::from_secs(30))
         .await;
-    attach(&c, "rv", "node1");
+    c.attach("rv", "node1");
     let v = c
         .wait_state("rv", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -99,20 +56,7 @@ async fn lost_replica_is_rebuilt_under_load_with_its_snapshots() {
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // node3's replica leaves the mirror (as after an I/O error).
-    let victim = m
-        .replicas(Some("rv"))
-        .unwrap()
-        .into_iter()
-        .find(|r| r.node == "node3")
-        .unwrap();
-    c.nodes[0]
-        .agent
-        .call(
-            "bdev_raid_remove_base_bdev",
-            json!({ "name": control::naming::engine_ns_bdev(&victim.name) }),
-        )
-        .await
-        .unwrap();
+    let victim = c.drop_member("rv", "node3", 0).await;
     c.wait("a replacement rebuilt", Duration::from_secs(120), |m| {
         let rs = m.replicas(Some("rv")).unwrap();
         rs.len() == 3
@@ -156,16 +100,16 @@ async fn lost_replica_is_rebuilt_under_load_with_its_snapshots() {
         .await;
     let rs = m.replicas(Some("rv")).unwrap();
     for s in ["s1", "s2"] {
-        same_everywhere(&c, &rs, &format!("snapshot {s}"), |r| {
+        c.same_everywhere(&rs, &format!("snapshot {s}"), |r| {
             control::naming::snapshot_lvol(&r.name, s)
         })
         .await;
     }
-    same_everywhere(&c, &rs, "head", |r| r.name.clone()).await;
+    c.same_everywhere(&rs, "head", |r| r.name.clone()).await;
     // The new replica serves alone: attach with it only in sync... simplest
     // proof that it holds the data is an engine on another node reading the
     // patterns back (its reads spread over every member).
-    attach(&c, "rv", "node3");
+    c.attach("rv", "node3");
     let v = c
         .wait_state("rv", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -199,7 +143,7 @@ async fn target_lost_mid_copy_then_a_new_rebuild_completes() {
     m.create_volume("rt", 1 << 30, 3).unwrap();
     c.wait_state("rt", VolumeState::Detached, Duration::from_secs(30))
         .await;
-    attach(&c, "rt", "node1");
+    c.attach("rt", "node1");
     let v = c
         .wait_state("rt", VolumeState::Attached, Duration::from_secs(60))
         .await;
@@ -208,20 +152,7 @@ async fn target_lost_mid_copy_then_a_new_rebuild_completes() {
     qemu_io(&uri, &["write -P 0x61 0 768M".into()]).unwrap();
     m.create_snapshot("rt", "s1").await.unwrap();
     qemu_io(&uri, &["write -P 0x62 8M 8M".into()]).unwrap();
-    let victim = m
-        .replicas(Some("rt"))
-        .unwrap()
-        .into_iter()
-        .find(|r| r.node == "node3")
-        .unwrap();
-    c.nodes[0]
-        .agent
-        .call(
-            "bdev_raid_remove_base_bdev",
-            json!({ "name": control::naming::engine_ns_bdev(&victim.name) }),
-        )
-        .await
-        .unwrap();
+    let victim = c.drop_member("rt", "node3", 0).await;
     c.wait("copying into the target", Duration::from_secs(60), |m| {
         m.replicas(Some("rt")).unwrap().iter().any(|r| {
             r.rebuild
@@ -274,11 +205,11 @@ async fn target_lost_mid_copy_then_a_new_rebuild_completes() {
     c.wait_state("rt", VolumeState::Detached, Duration::from_secs(60))
         .await;
     let rs = m.replicas(Some("rt")).unwrap();
-    same_everywhere(&c, &rs, "snapshot s1", |r| {
+    c.same_everywhere(&rs, "snapshot s1", |r| {
         control::naming::snapshot_lvol(&r.name, "s1")
     })
     .await;
-    same_everywhere(&c, &rs, "head", |r| r.name.clone()).await;
+    c.same_everywhere(&rs, "head", |r| r.name.clone()).await;
     // What the abandoned rebuild left on node3 is an orphan, collected.
     m.poll_nodes().await;
     m.poll_nodes().await;

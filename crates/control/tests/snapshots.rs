@@ -12,39 +12,6 @@ use std::time::Duration;
 
 use common::{fio_max_write_lat_s, Cluster, Fio};
 use control::model::*;
-use serde_json::json;
-
-/// The checksum of lvol `lvol` of replica `r` on its node's dataplane.
-async fn checksum(c: &Cluster, r: &Replica, lvol: &str) -> String {
-    let n = c.nodes.iter().find(|n| n.name == r.node).unwrap();
-    let v = n
-        .agent
-        .call(
-            "corral_lvol_get_checksum",
-            json!({ "name": control::naming::lvol_alias(&r.disk, lvol) }),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("checksum of {lvol} on {}: {e}", r.node));
-    v["checksum"].as_str().unwrap().to_string()
-}
-
-/// The checksums of `lvol(replica)` on every replica; asserts they agree.
-async fn same_everywhere(
-    c: &Cluster,
-    rs: &[Replica],
-    what: &str,
-    lvol: impl Fn(&Replica) -> String,
-) -> String {
-    let mut sums = Vec::new();
-    for r in rs {
-        sums.push((r.name.clone(), checksum(c, r, &lvol(r)).await));
-    }
-    assert!(
-        sums.iter().all(|(_, s)| *s == sums[0].1),
-        "{what} differs between replicas: {sums:?}"
-    );
-    sums[0].1.clone()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_under_load_are_the_same_on_every_replica() {
@@ -130,7 +97,7 @@ async fn snapshots_under_load_are_the_same_on_every_replica() {
     let mut sums = Vec::new();
     for s in snaps {
         sums.push(
-            same_everywhere(&c, &rs, &format!("snapshot {s}"), |r| {
+            c.same_everywhere(&rs, &format!("snapshot {s}"), |r| {
                 control::naming::snapshot_lvol(&r.name, s)
             })
             .await,
@@ -140,10 +107,12 @@ async fn snapshots_under_load_are_the_same_on_every_replica() {
         sums[0] != sums[1] && sums[1] != sums[2],
         "the snapshots were taken while data changed: {sums:?}"
     );
-    let head = same_everywhere(&c, &rs, "head", |r| r.name.clone()).await;
+    let head = c.same_everywhere(&rs, "head", |r| r.name.clone()).await;
     // Revert to s2: every head is s2 again, and the volume attaches.
     m.revert_snapshot("sv", "s2").await.unwrap();
-    let reverted = same_everywhere(&c, &rs, "head after revert", |r| r.name.clone()).await;
+    let reverted = c
+        .same_everywhere(&rs, "head after revert", |r| r.name.clone())
+        .await;
     assert_eq!(reverted, sums[1]);
     assert_ne!(reverted, head);
     attach();

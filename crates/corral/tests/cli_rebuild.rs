@@ -9,7 +9,7 @@
 
 mod cli_support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cli_support::*;
@@ -46,27 +46,7 @@ fn rebuild_survives_manager_kills_and_every_layer_matches() {
     qemu_io(&ep, &["write -P 0x51 0 16M"]).unwrap();
 
     let fio_out = tmp.path().join("fio.json");
-    let mut fio = Command::new("fio")
-        .args([
-            "--name=load",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--output-format=json",
-            "--offset=192M",
-            "--size=48M",
-            "--rate=4m",
-        ])
-        .arg(format!("--uri={ep}"))
-        .arg(format!("--output={}", fio_out.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("fio");
+    let mut fio = fio_write_verify("load", &ep, "192M", "48M", "4m", &fio_out);
     std::thread::sleep(Duration::from_secs(1));
 
     // node3's replica leaves the engine's mirror (as after an I/O error).

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_err, free_port, qemu_io, Dp};
+use common::{assert_err, fio_write_verify, free_port, qemu_io, Dp};
 use serde_json::{json, Value};
 
 async fn export(dp: &Dp, name: &str, bdev: &str, port: u16) -> String {
@@ -135,25 +135,7 @@ async fn snapshot_clone_revert_delete_through_nbd() {
     )
     .await;
     let out = tmp.path().join("fio.json");
-    let fio = Command::new("fio")
-        .args([
-            "--name=merge",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--offset=32M",
-            "--size=16M",
-            "--rate=4m",
-            "--output-format=json",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--output={}", out.display()))
-        .spawn()
-        .unwrap();
+    let fio = fio_write_verify("merge", &uri, "32M", "16M", "4m", &out);
     tokio::time::sleep(Duration::from_secs(1)).await;
     dp.ok("bdev_lvol_delete", json!({"name": "lvs0/s2"})).await;
     let st = tokio::task::spawn_blocking(move || {

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{free_port, qemu_io, wait_for, Dp};
+use common::{fio_write_verify, free_port, qemu_io, wait_for, Dp};
 use serde_json::{json, Value};
 
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-000000000001";
@@ -76,25 +76,7 @@ async fn raid1_over_nvme_kill_rebuild_and_crash() {
     qemu_io(&uri, &["write -P 0xa1 40M 8M"]).unwrap();
     // Verified load while replica 2's process dies.
     let out = tmp.path().join("fio.json");
-    let fio = Command::new("fio")
-        .args([
-            "--name=raid",
-            "--ioengine=nbd",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--offset=0",
-            "--size=16M",
-            "--rate=4m",
-            "--output-format=json",
-        ])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--output={}", out.display()))
-        .spawn()
-        .unwrap();
+    let fio = fio_write_verify("raid", &uri, "0", "16M", "4m", &out);
     tokio::time::sleep(Duration::from_secs(1)).await;
     targets[2].kill9();
     let st = tokio::task::spawn_blocking(move || {

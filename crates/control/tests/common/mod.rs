@@ -322,6 +322,79 @@ impl Cluster {
         c
     }
 
+    /// Asks for `v` to be attached on `node` over NBD.
+    pub fn attach(&self, v: &str, node: &str) {
+        self.manager
+            .set_attach(
+                v,
+                Some(control::model::AttachSpec {
+                    node: node.into(),
+                    frontend: control::model::Frontend::Nbd,
+                }),
+            )
+            .unwrap();
+    }
+
+    /// The checksum of lvol `lvol` of replica `r`, from its node's dataplane.
+    pub async fn checksum(&self, r: &control::model::Replica, lvol: &str) -> String {
+        let n = self.nodes.iter().find(|n| n.name == r.node).unwrap();
+        let v = n
+            .agent
+            .call(
+                "corral_lvol_get_checksum",
+                serde_json::json!({ "name": control::naming::lvol_alias(&r.disk, lvol) }),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("checksum of {lvol} on {}: {e}", r.node));
+        v["checksum"].as_str().unwrap().to_string()
+    }
+
+    /// The checksum of `lvol(replica)` on every replica of `rs`; asserts
+    /// they agree and returns it.
+    pub async fn same_everywhere(
+        &self,
+        rs: &[control::model::Replica],
+        what: &str,
+        lvol: impl Fn(&control::model::Replica) -> String,
+    ) -> String {
+        let mut sums = Vec::new();
+        for r in rs {
+            sums.push((r.name.clone(), self.checksum(r, &lvol(r)).await));
+        }
+        assert!(
+            sums.iter().all(|(_, s)| *s == sums[0].1),
+            "{what} differs between replicas: {sums:?}"
+        );
+        sums[0].1.clone()
+    }
+
+    /// Takes `volume`'s replica on `node` out of the engine's mirror (as an
+    /// I/O error would), through the dataplane of engine node `engine` (index);
+    /// returns that replica.
+    pub async fn drop_member(
+        &self,
+        volume: &str,
+        node: &str,
+        engine: usize,
+    ) -> control::model::Replica {
+        let r = self
+            .manager
+            .replicas(Some(volume))
+            .unwrap()
+            .into_iter()
+            .find(|r| r.node == node)
+            .unwrap();
+        self.nodes[engine]
+            .agent
+            .call(
+                "bdev_raid_remove_base_bdev",
+                serde_json::json!({ "name": control::naming::engine_ns_bdev(&r.name) }),
+            )
+            .await
+            .unwrap();
+        r
+    }
+
     pub async fn wait(&self, what: &str, t: Duration, f: impl Fn(&Manager) -> bool) {
         let t0 = Instant::now();
         while t0.elapsed() < t {

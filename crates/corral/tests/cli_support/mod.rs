@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 #[path = "../common/util.rs"]
 mod util;
 #[allow(unused_imports)] // not every test binary uses every helper
-pub use util::{corral_bin, free_port, qemu_io};
+pub use util::{corral_bin, fio_write_verify, free_port, qemu_io};
 
 /// A loopback /24 per test process and tag, so parallel tests never share addresses.
 pub fn prefix(tag: u8) -> String {

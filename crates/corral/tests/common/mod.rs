@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 mod util;
 #[allow(unused_imports)] // not every test binary uses every helper
-pub use util::{corral_bin, free_port, qemu_io};
+pub use util::{corral_bin, fio_write_verify, free_port, qemu_io};
 
 /// A `corral dataplane` process; killed on drop.
 pub struct Dp {

@@ -1,5 +1,5 @@
 //! Small helpers shared by the dataplane tests (`common`) and the CLI tests
-//! (`cli_support`): free ports, the corral binary, qemu-io runs.
+//! (`cli_support`): free ports, the corral binary, qemu-io and fio runs.
 
 use std::process::Command;
 
@@ -38,4 +38,39 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String, String> {
     } else {
         Err(out)
     }
+}
+
+/// fio in the background: 4 KiB random writes (QD8) over [offset, offset+size)
+/// of an NBD URI at `rate` (e.g. "4m"), then a crc32c verify pass of all it
+/// wrote; JSON results in `out`. Wait for it and check its exit status.
+#[allow(dead_code)] // not every test binary runs fio
+pub fn fio_write_verify(
+    name: &str,
+    uri: &str,
+    offset: &str,
+    size: &str,
+    rate: &str,
+    out: &std::path::Path,
+) -> std::process::Child {
+    Command::new("fio")
+        .args([
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--output-format=json",
+        ])
+        .arg(format!("--name={name}"))
+        .arg(format!("--offset={offset}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--rate={rate}"))
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--output={}", out.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio (Debian package fio)")
 }
