@@ -103,6 +103,8 @@ pub struct Manager {
     joined_at: Mutex<HashMap<String, Instant>>,
     /// Per volume: the wait before the next rebuild attempt after one failed.
     rebuild_backoff: Mutex<HashMap<String, (Backoff, Instant)>>,
+    /// Rebuilds ended since the manager started: (done, failed).
+    rebuilds_ended: Mutex<(u64, u64)>,
     vol_locks: Mutex<HashMap<String, Arc<VolSlot>>>,
     /// Wakes the periodic loop early (a node registered).
     pub wake: Notify,
@@ -184,6 +186,7 @@ impl Manager {
             status: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
             rebuild_backoff: Mutex::new(HashMap::new()),
+            rebuilds_ended: Mutex::new((0, 0)),
             joined_at: Mutex::new(HashMap::new()),
             vol_locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -1494,6 +1497,60 @@ impl Manager {
         Ok(())
     }
 
+    /// Deletes replica `name` on a user's request (its data too). An attached
+    /// volume's engine lets it go first; a volume left with fewer healthy
+    /// replicas than it wants gets a rebuilt one. The last healthy replica of
+    /// a volume is never deleted this way; a rebuilding one ends its rebuild.
+    pub async fn delete_replica(&self, name: &str) -> Result<(), OpError> {
+        let r = self
+            .store
+            .get::<Replica>(&rkey(name))?
+            .ok_or_else(|| OpError::not_found("replica", name))?;
+        let slot = self.slot(&r.volume);
+        let guard = slot.running.lock().await;
+        let res = self.delete_replica_locked(name).await;
+        drop(guard);
+        self.kick(&r.volume);
+        res
+    }
+
+    async fn delete_replica_locked(&self, name: &str) -> Result<(), OpError> {
+        let r = self
+            .store
+            .get::<Replica>(&rkey(name))?
+            .ok_or_else(|| OpError::not_found("replica", name))?;
+        let v = self.volume(&r.volume)?;
+        if r.state == ReplicaState::Rebuilding {
+            return self.abandon(&r, "deleted on request").await;
+        }
+        let healthy = self
+            .replicas(Some(&v.name))?
+            .into_iter()
+            .filter(|x| x.state == ReplicaState::Healthy)
+            .count();
+        if r.state == ReplicaState::Healthy && healthy <= 1 {
+            return Err(OpError::conflict(format!(
+                "replica {name} is the last healthy replica of volume {}",
+                v.name
+            ))
+            .with_advice(format!(
+                "delete the volume instead (corral volume delete {})",
+                v.name
+            )));
+        }
+        if v.engine_node.is_some() {
+            self.leave_engine(&v, name).await;
+        }
+        self.remove_replica(&r, v.size_bytes).await?;
+        self.event(
+            "replica",
+            name,
+            "Deleted",
+            format!("on request ({:?}, node {})", r.state, r.node),
+        );
+        Ok(())
+    }
+
     // -------------------------------------------------------- snapshots ----
 
     /// Takes snapshot `snap` of every healthy replica of `volume`, all at the
@@ -1910,6 +1967,37 @@ impl Manager {
         by.sort();
         for (k, n) in by {
             let _ = writeln!(s, "corral_orphan_resources{{kind=\"{k}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP corral_replica_rebuilds_total Replica rebuilds ended since the manager started, by result."
+        );
+        let _ = writeln!(s, "# TYPE corral_replica_rebuilds_total counter");
+        let (done, failed) = *self.rebuilds_ended.lock();
+        let _ = writeln!(s, "corral_replica_rebuilds_total{{result=\"done\"}} {done}");
+        let _ = writeln!(
+            s,
+            "corral_replica_rebuilds_total{{result=\"failed\"}} {failed}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corral_replica_rebuild_percent Progress of the current phase of each running rebuild."
+        );
+        let _ = writeln!(s, "# TYPE corral_replica_rebuild_percent gauge");
+        for r in self.replicas(None).unwrap_or_default() {
+            if let Some(b) = &r.rebuild {
+                let phase = match b.phase {
+                    RebuildPhase::Preparing => "preparing",
+                    RebuildPhase::CopySnapshot { .. } => "copy_snapshot",
+                    RebuildPhase::Join => "join",
+                    RebuildPhase::SyncHead => "sync_head",
+                };
+                let _ = writeln!(
+                    s,
+                    "corral_replica_rebuild_percent{{volume=\"{}\",replica=\"{}\",phase=\"{phase}\"}} {}",
+                    r.volume, r.name, b.percent
+                );
+            }
         }
         let nodes = self.nodes().unwrap_or_default();
         let _ = writeln!(s, "# HELP corral_nodes_ready Nodes whose agent answers.");

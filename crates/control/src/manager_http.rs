@@ -52,6 +52,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         )
         .route("/v1/volumes/{name}/snapshots/{snap}/revert", post(revert))
         .route("/v1/replicas", get(replicas))
+        .route("/v1/replicas/{name}", axum::routing::delete(delete_replica))
         .route("/v1/controllers", get(controllers))
         .route("/v1/orphans", get(orphans))
         .route("/v1/orphans/collect", post(collect))
@@ -138,6 +139,10 @@ async fn volume(
 
 async fn delete_volume(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Response {
     ok(m.delete_volume(&name).map(|_| json!({})))
+}
+
+async fn delete_replica(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Response {
+    ok(m.delete_replica(&name).await.map(|_| json!({})))
 }
 
 #[derive(Deserialize)]

@@ -88,6 +88,11 @@ async fn lost_replica_is_rebuilt_under_load_with_its_snapshots() {
         m.volume("rv").unwrap().robustness == Robustness::Healthy
     })
     .await;
+    let metrics = m.metrics();
+    assert!(
+        metrics.contains("corral_replica_rebuilds_total{result=\"done\"} 1"),
+        "{metrics}"
+    );
     let j = tokio::task::spawn_blocking(move || fio.wait(Duration::from_secs(120)))
         .await
         .unwrap()
@@ -222,5 +227,47 @@ async fn target_lost_mid_copy_then_a_new_rebuild_completes() {
     m.collect_orphans(true).await.unwrap();
     m.poll_nodes().await;
     m.poll_nodes().await;
+    assert!(m.orphans().is_empty(), "orphans: {:?}", m.orphans());
+}
+
+/// A replica deleted on request is rebuilt in its place; the last healthy
+/// replica of a volume cannot be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_replica_is_rebuilt_and_the_last_one_is_kept() {
+    let c = Cluster::start(3, 16).await;
+    let m = c.manager.clone();
+    m.create_volume("rd", 64 << 20, 3).unwrap();
+    m.create_volume("solo", 16 << 20, 1).unwrap();
+    c.wait_state("rd", VolumeState::Detached, Duration::from_secs(30))
+        .await;
+    c.wait_state("solo", VolumeState::Detached, Duration::from_secs(30))
+        .await;
+    let only = m.replicas(Some("solo")).unwrap().remove(0);
+    let e = m.delete_replica(&only.name).await.unwrap_err();
+    assert_eq!(e.status, 409, "{e:?}");
+    assert!(e.message.contains("last healthy replica"), "{e:?}");
+    c.attach("rd", "node1");
+    let v = c
+        .wait_state("rd", VolumeState::Attached, Duration::from_secs(60))
+        .await;
+    let uri = v.endpoint.unwrap();
+    qemu_io(&uri, &["write -P 0x71 0 8M".into()]).unwrap();
+    let gone = m
+        .replicas(Some("rd"))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node == "node2")
+        .unwrap();
+    m.delete_replica(&gone.name).await.unwrap();
+    c.wait("rebuilt on node2", Duration::from_secs(60), |m| {
+        let rs = m.replicas(Some("rd")).unwrap();
+        rs.len() == 3
+            && rs.iter().all(|r| r.state == ReplicaState::Healthy)
+            && rs.iter().any(|r| r.node == "node2" && r.name != gone.name)
+    })
+    .await;
+    qemu_io(&uri, &["read -P 0x71 0 8M".into()]).unwrap();
+    c.manager.poll_nodes().await;
+    c.manager.poll_nodes().await;
     assert!(m.orphans().is_empty(), "orphans: {:?}", m.orphans());
 }

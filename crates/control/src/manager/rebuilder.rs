@@ -497,6 +497,7 @@ impl Manager {
         })?;
         self.rebuild_backoff.lock().remove(&v.name);
         self.joined_at.lock().remove(&t.name);
+        self.rebuilds_ended.lock().0 += 1;
         self.event(
             "replica",
             &t.name,
@@ -529,8 +530,9 @@ impl Manager {
     /// Ends the rebuild of `t`: its copy connection and the replica go (what
     /// cannot be reached now is left to orphan collection); the volume waits
     /// a backoff before the next attempt.
-    async fn abandon(&self, t: &Replica, why: &str) -> Result<(), OpError> {
+    pub(super) async fn abandon(&self, t: &Replica, why: &str) -> Result<(), OpError> {
         warn!(replica = %t.name, why, "rebuild abandoned");
+        self.rebuilds_ended.lock().1 += 1;
         if let Some(b) = &t.rebuild {
             let src = self
                 .replicas(Some(&t.volume))?
@@ -584,7 +586,7 @@ impl Manager {
     /// Takes replica `replica` out of `v`'s engine, if it has one (best
     /// effort: what stays is an engine controller whose replica is gone; it
     /// ends with its controller-loss timeout).
-    async fn leave_engine(&self, v: &Volume, replica: &str) {
+    pub(super) async fn leave_engine(&self, v: &Volume, replica: &str) {
         let Some(en) = v.engine_node.as_deref().and_then(|n| self.node(n).ok()) else {
             return;
         };
@@ -608,7 +610,7 @@ impl Manager {
 
     /// Deletes replica `r` on its node (left to orphan collection if its node
     /// does not answer) and from the store.
-    async fn remove_replica(&self, r: &Replica, size: u64) -> Result<(), OpError> {
+    pub(super) async fn remove_replica(&self, r: &Replica, size: u64) -> Result<(), OpError> {
         if let Ok(node) = self.node(&r.node) {
             let res: Result<Value, OpError> = self
                 .agent(

@@ -149,6 +149,9 @@ pub enum ReplicaCmd {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Delete a replica and its data; an attached volume gets a rebuilt one
+    /// in its place (never the last healthy replica).
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +212,17 @@ async fn dispatch(cmd: CtlCmd, g: &GlobalOpts) -> Result<(), CliError> {
         CtlCmd::Snapshot(s) => snapshot(&c, s, json_out).await,
         CtlCmd::Replica(ReplicaCmd::Ls { volume }) => {
             replica_ls(&c, volume.as_deref(), json_out).await
+        }
+        CtlCmd::Replica(ReplicaCmd::Delete { name }) => {
+            let what = format!("delete replica {name}");
+            c.delete(&what, &format!("/v1/replicas/{}", seg(&name)))
+                .await?;
+            if json_out {
+                println!("{}", json!({ "deleted": name }));
+            } else {
+                println!("replica {name} deleted; a degraded attached volume rebuilds a new one (corral volume show)");
+            }
+            Ok(())
         }
         CtlCmd::Controller(ControllerCmd::Ls { orphans }) => {
             controller_ls(&c, orphans, json_out).await
