@@ -335,7 +335,22 @@ impl RpcClient {
         let mut out = serde_json::to_vec(&req).map_err(std::io::Error::other)?;
         out.push(b'\n');
         self.s.write_all(&out).await?;
-        let v = self.read_value().await?;
+        // A reply with an older id answers a call whose caller went away
+        // before reading it (its future was dropped): skipped, so that no
+        // caller ever gets another call's answer.
+        let v = loop {
+            let v = self.read_value().await?;
+            match v.get("id").and_then(Value::as_u64) {
+                Some(got) if got == id => break v,
+                Some(got) if got < id => continue,
+                got => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("reply to {method} (id {id}) carries id {got:?}"),
+                    ))
+                }
+            }
+        };
         if let Some(e) = v.get("error") {
             let code = e.get("code").and_then(Value::as_i64).unwrap_or(0) as i32;
             let message = e
