@@ -40,6 +40,14 @@ pub struct AgentConfig {
     pub orphan_grace: Duration,
 }
 
+/// Why a disk is not usable: its data is gone (permanent), or a dataplane
+/// call failed (classified by its error).
+#[derive(Debug)]
+enum DiskProblem {
+    Gone(String),
+    Dp(DpError),
+}
+
 /// A step's failure: what failed and whether trying again can help.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{what}: {source}")]
@@ -165,53 +173,14 @@ impl Agent {
     pub async fn ensure_disks(&self) -> Vec<DiskStatus> {
         let mut out = Vec::new();
         for (name, path) in &self.cfg.disks {
-            // Asked per disk: one store that cannot be read (its directory was
-            // removed, so statvfs fails) must neither hide the others nor be
-            // taken for "not loaded", which would re-create it.
-            let loaded = match self
-                .call("bdev_lvol_get_lvstores", json!({ "lvs_name": name }))
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(e) if e.code() == Some(-libc::ENODEV) => Ok(false),
-                Err(e) => Err(e),
+            let reason = match self.ensure_disk(name, path).await {
+                Ok(()) => None,
+                Err(DiskProblem::Gone(why)) => Some(why),
+                Err(DiskProblem::Dp(e)) => {
+                    warn!(disk = %name, "disk not usable: {e}");
+                    Some(e.to_string())
+                }
             };
-            let mut reason = None;
-            match loaded {
-                Ok(true) | Err(DpError::Rpc { .. }) if !path.join(LVSTORE_META).exists() => {
-                    reason = Some(format!(
-                        "{} is gone from {}: the disk's data is gone",
-                        LVSTORE_META,
-                        path.display()
-                    ));
-                }
-                Ok(true) => {}
-                Err(e) => {
-                    warn!(disk = %name, "disk not readable: {e}");
-                    reason = Some(format!("the dataplane cannot read the lvstore: {e}"));
-                }
-                Ok(false) => {
-                    let _ = std::fs::create_dir_all(path);
-                    let r = match self
-                        .call("corral_lvol_load_lvstore", json!({"base_dir": path}))
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(e) if absent_code(&e) => self
-                            .call(
-                                "bdev_lvol_create_lvstore",
-                                json!({"lvs_name": name, "base_dir": path}),
-                            )
-                            .await
-                            .map(|_| ()),
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = r {
-                        warn!(disk = %name, "disk not usable: {e}");
-                        reason = Some(e.to_string());
-                    }
-                }
-            }
             let (total, free) = fs_space(path).unwrap_or((0, 0));
             out.push(DiskStatus {
                 name: name.clone(),
@@ -225,6 +194,50 @@ impl Agent {
         out
     }
 
+    /// Makes disk `name` (directory `path`) an open lvstore.
+    async fn ensure_disk(&self, name: &str, path: &std::path::Path) -> Result<(), DiskProblem> {
+        // Asked per disk: one store that cannot be read (its directory was
+        // removed, so statvfs fails) must neither hide the others nor be
+        // taken for "not loaded", which would re-create it.
+        let loaded = match self
+            .call("bdev_lvol_get_lvstores", json!({ "lvs_name": name }))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if e.code() == Some(-libc::ENODEV) => false,
+            // The dataplane itself does not answer: nothing is known of the disk.
+            Err(e @ DpError::Transport { .. }) => return Err(DiskProblem::Dp(e)),
+            Err(e) if path.join(LVSTORE_META).exists() => return Err(DiskProblem::Dp(e)),
+            Err(_) => true,
+        };
+        if loaded {
+            if !path.join(LVSTORE_META).exists() {
+                return Err(DiskProblem::Gone(format!(
+                    "{} is gone from {}: the disk's data is gone",
+                    LVSTORE_META,
+                    path.display()
+                )));
+            }
+            return Ok(());
+        }
+        let _ = std::fs::create_dir_all(path);
+        match self
+            .call("corral_lvol_load_lvstore", json!({"base_dir": path}))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if absent_code(&e) => self
+                .call(
+                    "bdev_lvol_create_lvstore",
+                    json!({"lvs_name": name, "base_dir": path}),
+                )
+                .await
+                .map(|_| ())
+                .map_err(DiskProblem::Dp),
+            Err(e) => Err(DiskProblem::Dp(e)),
+        }
+    }
+
     // --------------------------------------------------------- replicas ----
 
     /// Makes replica `spec` exist and be exposed only to `spec.allowed_host`.
@@ -235,7 +248,8 @@ impl Agent {
         let lock = self.lock_for(&spec.name);
         let _g = lock.lock().await;
         let mut ev = Vec::new();
-        self.cfg
+        let disk_path = self
+            .cfg
             .disks
             .iter()
             .find(|(n, _)| n == &spec.disk)
@@ -253,22 +267,29 @@ impl Agent {
                     },
                 )
             })?;
-        // lvstore
-        let disks = self.ensure_disks().await;
-        if let Some(d) = disks.iter().find(|d| d.name == spec.disk && !d.ready) {
-            return Err(StepError::new(
-                format!("replica {}", spec.name),
-                DpError::Rpc {
-                    method: "ensure_replica".into(),
-                    code: -2,
-                    message: format!(
-                        "disk {} on node {}: {}",
-                        spec.disk,
-                        self.cfg.node,
-                        d.reason.clone().unwrap_or_default()
+        // lvstore: a disk whose data is gone fails the replica for good; a
+        // dataplane that does not answer is a reason to try again.
+        match self.ensure_disk(&spec.disk, &disk_path).await {
+            Ok(()) => {}
+            Err(DiskProblem::Gone(why)) => {
+                return Err(StepError::new(
+                    format!("replica {}", spec.name),
+                    DpError::Rpc {
+                        method: "ensure_replica".into(),
+                        code: -2,
+                        message: format!("disk {} on node {}: {why}", spec.disk, self.cfg.node),
+                    },
+                ))
+            }
+            Err(DiskProblem::Dp(e)) => {
+                return Err(StepError::new(
+                    format!(
+                        "replica {}: disk {} on node {}",
+                        spec.name, spec.disk, self.cfg.node
                     ),
-                },
-            ));
+                    e,
+                ))
+            }
         }
         // lvol
         let alias = naming::lvol_alias(&spec.disk, &spec.name);
